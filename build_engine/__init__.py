@@ -1,0 +1,13 @@
+"""build_engine: Hugging Face checkpoint -> INT4-AWQ TensorRT-LLM checkpoint -> GPU or CPU engine.
+
+Data flow (one module each): sources (where the HF model comes from) -> calibration (text to
+calibrate on) -> quantize (ModelOpt INT4-AWQ + export) -> checkpoint (the W4A16_AWQ contract:
+read, validate, unpack) -> trtllm (the GPU engine command) | onnx_engine (the CPU engine) ->
+runtime (run the CPU engine) -> verify (engine vs reference, quantized vs original).
+"""
+
+__version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad option, missing tool). Printed as one line."""

@@ -1,0 +1,106 @@
+"""python -m build_engine: prepare | quantize | build | verify."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from build_engine import cli, presets
+
+EXAMPLES = """examples:
+  python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
+  python -m build_engine build --checkpoint artifacts/smol/checkpoint --output artifacts/smol/engine-cpu --target cpu
+  python -m build_engine build --checkpoint ckpt --output engine --target gpu --dry-run
+"""
+
+
+def _prepare(args) -> int:
+    from build_engine import sources
+
+    path = sources.prepare(args.model, Path(args.output)) if args.output else sources.resolve(args.model).path
+    print(path)
+    return 0
+
+
+def _quantize(args) -> int:
+    from build_engine import quantize
+
+    quantize.run(args.model, Path(args.output), group_size=args.group_size, algorithm=args.algorithm,
+                 calib_dataset=args.calib_dataset, calib_text=args.calib_text, calib_size=args.calib_size,
+                 calib_seq_len=args.calib_seq_len, seed=args.seed)
+    return 0
+
+
+def _build(args) -> int:
+    if args.target == "gpu":
+        from build_engine import trtllm
+
+        cmd = trtllm.build(Path(args.checkpoint), Path(args.output), dry_run=args.dry_run)
+        if args.dry_run:
+            print(shlex.join(cmd))
+        return 0
+    from build_engine import onnx_engine
+
+    if args.dry_run:
+        print(f"would write a CPU engine (ONNX INT4, accuracy level {args.accuracy_level}) to {args.output}")
+        return 0
+    onnx_engine.build(Path(args.checkpoint), Path(args.output), accuracy_level=args.accuracy_level)
+    return 0
+
+
+def _verify(args) -> int:
+    from build_engine import verify
+
+    verify.run(Path(args.checkpoint), Path(args.engine), Path(args.report), original=args.original)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m build_engine", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="commands")
+
+    s = sub.add_parser("prepare", help="materialize a model as a local Hugging Face folder")
+    s.add_argument("--model", required=True, help="tiny-hermes | smollm2-135m-instruct | hub id | folder")
+    s.add_argument("--output", help="folder to write (default: the cache)")
+    s.set_defaults(handler=_prepare)
+
+    s = sub.add_parser("quantize", help="INT4-AWQ calibration and TensorRT-LLM checkpoint export")
+    s.add_argument("--model", required=True, help="built-in name, preset source, hub id or local HF folder")
+    s.add_argument("--output", required=True)
+    s.add_argument("--group-size", type=int, help="AWQ group size, 64 or 128 (default: the preset's)")
+    s.add_argument("--algorithm", choices=("awq_lite", "awq_full"))
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--calib-text", help="a UTF-8 text file to calibrate on (documents split by blank lines)")
+    g.add_argument("--calib-dataset", choices=("pydoc", "cnn_dailymail", "pileval"))
+    s.add_argument("--calib-size", type=int, help="number of calibration samples")
+    s.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(handler=_quantize)
+
+    s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--target", choices=("gpu", "cpu"), required=True)
+    s.add_argument("--dry-run", action="store_true", help="print what would run and stop")
+    s.add_argument("--accuracy-level", type=int, choices=(1, 4), default=4,
+                   help="CPU engine: 1 = fp32 compute, 4 = int8 activations (faster)")
+    s.set_defaults(handler=_build)
+
+    s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--engine", required=True)
+    s.add_argument("--report", required=True)
+    s.add_argument("--original", help="the original HF model (default: the checkpoint manifest's source)")
+    s.set_defaults(handler=_verify)
+    return p
+
+
+def main(argv=None) -> int:
+    return cli.run(parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Calibration text -> token batches for AWQ.
+
+Offline default: the English technical prose that ships with Python (pydoc_data.topics). Online,
+TensorRT-LLM's own recipe uses cnn_dailymail 3.0.0 articles or pile-val; both are loaded through
+`datasets` when it is installed and the hub is reachable, and fail with a clear message otherwise.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from build_engine import UserError
+
+DATASETS = ("pydoc", "cnn_dailymail", "pileval")
+
+
+def pydoc_text(held_out: bool = False) -> str:
+    """Python's bundled documentation topics. Topics are split by sorted name: even-indexed topics
+    calibrate, odd-indexed ones are held out for perplexity (never calibrated on)."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)[int(held_out)::2]
+    return "\n\n".join(topics[k] for k in keys)
+
+
+def load_text(dataset: str | None = None, text_file: str | Path | None = None) -> list[str]:
+    """Documents to calibrate on, from a file (documents separated by blank lines) or a dataset."""
+    if text_file is not None:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read calibration text {text_file}: {e}") from None
+        docs = [d for d in text.split("\n\n") if d.strip()]
+        if not docs:
+            raise UserError(f"calibration text {text_file} is empty")
+        return docs
+    dataset = dataset or "pydoc"
+    if dataset == "pydoc":
+        return [pydoc_text()]
+    if dataset not in DATASETS:
+        raise UserError(f"unknown calibration dataset {dataset!r}; choose one of {', '.join(DATASETS)} or --calib-text")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"calibration dataset {dataset} needs `pip install datasets`, or use --calib-text FILE") from None
+    try:
+        if dataset == "cnn_dailymail":
+            ds = datasets.load_dataset("cnn_dailymail", "3.0.0", split="train")
+            return [r["article"] for r in ds.select(range(1024))]
+        ds = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")
+        return [r["text"] for r in ds.select(range(1024))]
+    except Exception as e:
+        raise UserError(f"cannot load calibration dataset {dataset} ({type(e).__name__}: offline?); "
+                        "use --calib-text FILE or --calib-dataset pydoc") from None
+
+
+def token_batches(tokenizer, docs: list[str], size: int, seq_len: int, seed: int = 0) -> list[list[int]]:
+    """`size` windows of exactly `seq_len` tokens, drawn reproducibly from the concatenated documents."""
+    if size < 1 or seq_len < 2:
+        raise UserError(f"calibration needs size >= 1 and seq_len >= 2 (got {size}, {seq_len})")
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+    if len(ids) < seq_len:
+        raise UserError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    starts = list(range(0, len(ids) - seq_len + 1, seq_len))
+    random.Random(seed).shuffle(starts)
+    if len(starts) < size:
+        raise UserError(f"calibration text has {len(starts)} windows of {seq_len} tokens; {size} requested")
+    return [ids[s : s + seq_len] for s in sorted(starts[:size])]

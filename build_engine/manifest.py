@@ -1,0 +1,65 @@
+"""manifest.json: what an artifact folder was made from, with which settings and versions, and the
+hash of every file in it. Downstream steps read settings from here, never from file names."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from build_engine import UserError
+from build_engine.sources import sha256_file
+
+NAME = "manifest.json"
+PACKAGES = ("hermes-trtllm", "torch", "transformers", "nvidia-modelopt", "safetensors", "onnx",
+            "onnxruntime", "onnxruntime-genai", "tensorrt-llm", "tritonclient")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, dict]:
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != NAME
+    }
+
+
+def write(folder: Path, kind: str, **sections) -> dict:
+    manifest = {
+        "kind": kind,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **sections,
+        "versions": versions(),
+        "files": file_hashes(folder),
+    }
+    (Path(folder) / NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read(folder: Path, kind: str | None = None) -> dict:
+    path = Path(folder) / NAME
+    if not path.is_file():
+        raise UserError(f"{folder} has no {NAME}: not an artifact made by hermes-trtllm")
+    m = json.loads(path.read_text())
+    if kind is not None and m.get("kind") != kind:
+        raise UserError(f"{folder} holds a {m.get('kind')!r}, expected a {kind!r}")
+    return m
+
+
+def verify_files(folder: Path) -> list[str]:
+    """Names of files whose hash no longer matches the manifest (missing files included)."""
+    m = read(folder)
+    now = file_hashes(folder)
+    return sorted(n for n, v in m["files"].items() if now.get(n, {}).get("sha256") != v["sha256"])

@@ -1,0 +1,180 @@
+"""HF checkpoint -> INT4-AWQ TensorRT-LLM checkpoint (W4A16_AWQ) with NVIDIA ModelOpt.
+
+Calibration runs on the GPU when there is one and on the CPU otherwise. The export is written to a
+temporary folder, validated, given the tokenizer and a manifest, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from build_engine import UserError, calibration, checkpoint, manifest, presets, sources
+from build_engine.cli import quiet_progress
+
+ALGORITHMS = ("awq_lite", "awq_full")
+CHECKPOINT_KIND = "trtllm-checkpoint"
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    group_size: int
+    algorithm: str
+    calib_dataset: str | None
+    calib_text: str | None
+    calib_size: int
+    calib_seq_len: int
+    seed: int
+
+    def __post_init__(self):
+        if self.group_size not in checkpoint.SUPPORTED_GROUP_SIZES:
+            raise UserError(f"group size {self.group_size} is not supported by TensorRT-LLM AWQ "
+                            f"(use one of {checkpoint.SUPPORTED_GROUP_SIZES})")
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"unknown AWQ algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+
+
+def default_settings(model: str, **overrides) -> tuple[QuantizeSettings, presets.Preset | None]:
+    """Settings from the model's preset (if it has one), then the caller's overrides."""
+    preset = presets.for_model(model)
+    cal = preset.calibration if preset else presets.Calibration()
+    base = dict(group_size=preset.group_size if preset else 128, algorithm=cal.algorithm,
+                calib_dataset=cal.dataset, calib_text=None, calib_size=cal.size,
+                calib_seq_len=cal.seq_len, seed=0)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if base["calib_text"]:
+        base["calib_dataset"] = None
+    return QuantizeSettings(**base), preset
+
+
+def check_group_size(model, group_size: int) -> None:
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name and mod.in_features % group_size:
+            raise UserError(f"group size {group_size} must divide in_features {mod.in_features} of {name}; "
+                            f"choose a group size that divides every linear layer's input size")
+
+
+def awq_config(group_size: int, algorithm: str) -> dict:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        sizes = entry.get("cfg", {}).get("block_sizes") if isinstance(entry.get("cfg"), dict) else None
+        if sizes is not None:
+            sizes[-1] = group_size
+    cfg["algorithm"] = {"method": algorithm}
+    return cfg
+
+
+def load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model from {path}: {e}") from None
+    return model, tok
+
+
+def quantize_model(model, tokenizer, settings: QuantizeSettings):
+    """Calibrate AWQ in place (fake-quantized modules). Returns the model."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    from tqdm.auto import tqdm
+
+    check_group_size(model, settings.group_size)
+    docs = calibration.load_text(settings.calib_dataset, settings.calib_text)
+    batches = calibration.token_batches(tokenizer, docs, settings.calib_size, settings.calib_seq_len, settings.seed)
+    device = next(model.parameters()).device
+    passes = [0]
+
+    def forward_loop(m):
+        passes[0] += 1
+        for ids in tqdm(batches, desc=f"AWQ calibration pass {passes[0]}", unit="sample",
+                        disable=quiet_progress(), leave=False):
+            m(torch.tensor([ids], device=device))
+
+    torch.manual_seed(settings.seed)
+    with torch.no_grad():
+        mtq.quantize(model, awq_config(settings.group_size, settings.algorithm), forward_loop)
+    return model
+
+
+def export(model, export_dir: Path) -> None:
+    """TensorRT-LLM checkpoint export. Mutates the model: deep-copy first to keep it."""
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    cfg = model.config
+    # transformers 5 keeps rope_theta in rope_parameters; the exporter reads config.rope_theta and
+    # silently drops rotary_base without it.
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if getattr(cfg, "rope_theta", None) is None and "rope_theta" in rope:
+        cfg.rope_theta = rope["rope_theta"]
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = [type(model).__name__]
+    export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.float16,
+                                   export_dir=str(export_dir), inference_tensor_parallel=1)
+
+
+def model_facts(hf_config, tokenizer) -> dict:
+    """What downstream steps need to know about the model that the TRT-LLM config does not carry."""
+    end_id = tokenizer.convert_tokens_to_ids(sources.IM_END)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        end_id = tokenizer.eos_token_id
+    return {
+        "architecture": (hf_config.architectures or [None])[0],
+        "vocab_size": len(tokenizer),
+        "end_id": end_id,
+        "bos_id": tokenizer.bos_token_id,
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
+        "sliding_window": getattr(hf_config, "sliding_window", None),
+        "max_position_embeddings": hf_config.max_position_embeddings,
+        "chat_template": bool(tokenizer.chat_template),
+    }
+
+
+def run(model: str, output: Path, progress_log=print, **overrides) -> Path:
+    settings, preset = default_settings(model, **overrides)
+    src = sources.resolve(model)
+    t0 = time.perf_counter()
+    hf_model, tok = load_model(src.path)
+    facts = model_facts(hf_model.config, tok)
+    quantize_model(hf_model, tok, settings)
+    calib_s = time.perf_counter() - t0
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        export(hf_model, tmp)
+        checkpoint.validate(tmp, real_vocab=facts["vocab_size"])
+        tok.save_pretrained(tmp / "tokenizer")
+        manifest.write(
+            tmp, CHECKPOINT_KIND,
+            source={"model": src.name, "kind": src.kind, "path": str(src.path), "revision": src.revision,
+                    "files": manifest.file_hashes(src.path) if src.kind != "hub" else None},
+            preset=preset.name if preset else None,
+            quantization={"algorithm": settings.algorithm, "quant_algo": "W4A16_AWQ",
+                          "group_size": settings.group_size, "tool": "nvidia-modelopt"},
+            calibration={k: v for k, v in asdict(settings).items() if k.startswith("calib") or k == "seed"},
+            model=facts,
+            timing={"calibration_s": round(calib_s, 1), "total_s": round(time.perf_counter() - t0, 1)},
+        )
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress_log(f"wrote {output} (W4A16_AWQ, group {settings.group_size}) in {time.perf_counter() - t0:.0f} s")
+    return output
