@@ -63,3 +63,13 @@ def verify_files(folder: Path) -> list[str]:
     m = read(folder)
     now = file_hashes(folder)
     return sorted(n for n, v in m["files"].items() if now.get(n, {}).get("sha256") != v["sha256"])
+
+
+def publish(tmp: Path, output: Path) -> None:
+    """Move a finished artifact folder into place (replacing an older one), world-readable."""
+    import shutil
+
+    Path(tmp).chmod(0o755)
+    if output.exists():
+        shutil.rmtree(output)
+    Path(tmp).rename(output)

@@ -171,9 +171,7 @@ def run(model: str, output: Path, progress_log=print, **overrides) -> Path:
             model=facts,
             timing={"calibration_s": round(calib_s, 1), "total_s": round(time.perf_counter() - t0, 1)},
         )
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        manifest.publish(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress_log(f"wrote {output} (W4A16_AWQ, group {settings.group_size}) in {time.perf_counter() - t0:.0f} s")

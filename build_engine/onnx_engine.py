@@ -1,0 +1,219 @@
+"""The CPU engine: an ONNX INT4 decoder written from the TensorRT-LLM W4A16_AWQ checkpoint, run by
+onnxruntime-genai. It executes the same codes, scales and pre-quant factors that trtllm-build
+consumes, so CPU tests check the GPU artifact.
+
+Per layer (x: [B, S, H]):
+  h  = SimplifiedLayerNorm(x) | SkipSimplifiedLayerNorm(x, residual)
+  qkv = MatMulNBits(h * prequant_qkv)             # int4 codes repacked along K, block = group
+  a  = GroupQueryAttention(qkv, past, rotary cos/sin, local_window_size = sliding window)
+  x' = x + MatMulNBits(a * prequant_dense)
+  m  = silu(MatMulNBits(h' * p_fc)) * MatMulNBits(h' * p_gate);  x'' = x' + MatMulNBits(m * p_proj)
+logits = ln_f(x) @ lm_head[:real_vocab]^T       # padded rows are dropped, never sampled
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from build_engine import UserError, checkpoint, manifest
+from build_engine.cli import quiet_progress
+
+ENGINE_KIND = "cpu-engine"
+MODEL_FILE = "model.onnx"
+TRT_TO_HF_TYPE = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}
+
+
+def repack_for_matmulnbits(codes: np.ndarray, group: int) -> np.ndarray:
+    """int8 codes [N, K] in [-8, 7] -> uint8 [N, K/group, group/2]: unsigned (code + 8), two
+    consecutive K elements per byte, even k in the low nibble (MatMulNBits' layout, zero point 8)."""
+    n, k = codes.shape
+    u = (codes.astype(np.int16) + 8).astype(np.uint8)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    return packed.reshape(n, k // group, group // 2)
+
+
+def rotary_cache(max_len: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_len, head_dim/2] for GPT-NeoX (half-split) rotary embeddings."""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class _Graph:
+    """A small builder over onnx.helper: nodes, initializers, unique names."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        from onnx import helper
+
+        outs = [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+
+def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str, accuracy_level: int) -> str:
+    ql = ck.linear(layer, name)
+    n, k = ql.codes.shape
+    grp = ql.group_size
+    p = f"layers.{layer}.{name}"
+    scaled = g.node("Mul", [x, g.init(f"{p}.prequant", ql.prequant)], f"{p}/prequant")[0]
+    return g.node(
+        "MatMulNBits",
+        [scaled, g.init(f"{p}.qweight", repack_for_matmulnbits(ql.codes, grp)), g.init(f"{p}.scales", ql.scale)],
+        f"{p}/matmul", domain="com.microsoft", K=k, N=n, bits=4, block_size=grp, accuracy_level=accuracy_level,
+    )[0]
+
+
+def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int | None, context_length: int,
+                accuracy_level: int):
+    """The decoder as an onnx.ModelProto (weights inline; saved with external data)."""
+    from onnx import TensorProto, helper
+    from tqdm.auto import tqdm
+
+    s, cfg = ck.shapes, ck.config
+    eps = float(cfg["norm_epsilon"])
+    g = _Graph()
+    B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, real_vocab])]
+
+    # GroupQueryAttention wants seqlens_k = (tokens so far) - 1 and the total length, both int32.
+    one = g.init("const.one", np.array([1], dtype=np.int64))
+    total = g.node("ReduceSum", ["attention_mask", one], "mask/sum", keepdims=0)[0]
+    seqlens_k = g.node("Cast", [g.node("Sub", [total, one], "mask/sub")[0]], "mask/seqlens_k", to=TensorProto.INT32)[0]
+    shape = g.node("Shape", ["attention_mask"], "mask/shape")[0]
+    total_len = g.node("Cast", [g.node("Gather", [shape, g.init("const.idx1", np.array(1, dtype=np.int64))],
+                                       "mask/total", axis=0)[0]], "mask/total_len", to=TensorProto.INT32)[0]
+    cos, sin = rotary_cache(context_length, s.head_dim, float(cfg["rotary_base"]))
+    cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
+
+    x = g.node("Gather", [g.init("vocab_embedding", ck.tensor("transformer.vocab_embedding.weight")), "input_ids"],
+               "embed")[0]
+    residual = None
+    window = int(sliding_window) if sliding_window else -1
+    for i in tqdm(range(s.layers), desc="writing CPU engine layers", unit="layer", disable=quiet_progress()):
+        ln1 = g.init(f"layers.{i}.input_layernorm", ck.norm(i, "input_layernorm"))
+        if residual is None:
+            h = g.node("SimplifiedLayerNormalization", [x, ln1], f"layers.{i}/ln1", epsilon=eps, axis=-1,
+                       stash_type=1)[0]
+            residual = x
+        else:
+            outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln1], f"layers.{i}/ln1", n_out=4,
+                          domain="com.microsoft", epsilon=eps)
+            h, residual = outs[0], outs[3]
+        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level)
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                        [B, s.kv_heads, P, s.head_dim]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                         [B, s.kv_heads, T, s.head_dim]))
+        attn, present_k, present_v = g.node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+             cos_name, sin_name],
+            f"layers.{i}/attention", n_out=3, domain="com.microsoft",
+            num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim) ** -0.5,
+            local_window_size=window, do_rotary=1, rotary_interleaved=0)
+        g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"layers.{i}/pk"))
+        g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"layers.{i}/pv"))
+        x = _linear(g, ck, i, "attention.dense", attn, accuracy_level)
+        ln2 = g.init(f"layers.{i}.post_layernorm", ck.norm(i, "post_layernorm"))
+        outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln2], f"layers.{i}/ln2", n_out=4,
+                      domain="com.microsoft", epsilon=eps)
+        h, residual = outs[0], outs[3]
+        fc = _linear(g, ck, i, "mlp.fc", h, accuracy_level)  # gate_proj in HF naming
+        up = _linear(g, ck, i, "mlp.gate", h, accuracy_level)  # up_proj in HF naming
+        act = g.node("Mul", [fc, g.node("Sigmoid", [fc], f"layers.{i}/sigmoid")[0]], f"layers.{i}/silu")[0]
+        x = _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level)
+    final = g.node("SkipSimplifiedLayerNormalization", [residual, x, g.init("ln_f", ck.tensor("transformer.ln_f.weight"))],
+                   "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
+    # lm_head stays dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact.
+    lm_head = ck.tensor("lm_head.weight")[:real_vocab].T.copy()  # [H, V]
+    g.nodes.append(helper.make_node("MatMul", [final, g.init("lm_head", lm_head)], ["logits"], name="lm_head"))
+
+    graph = helper.make_graph(g.nodes, "hermes_trtllm_cpu_decoder", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                             producer_name="hermes-trtllm")
+
+
+def genai_config(ck: checkpoint.Checkpoint, facts: dict, context_length: int, max_batch_size: int) -> dict:
+    s = ck.shapes
+    window = facts.get("sliding_window")
+    decoder = {
+        "session_options": {"log_id": "hermes-cpu-engine", "provider_options": [], "intra_op_num_threads": 0},
+        "filename": MODEL_FILE,
+        "head_size": s.head_dim, "hidden_size": s.hidden,
+        "num_attention_heads": s.heads, "num_hidden_layers": s.layers, "num_key_value_heads": s.kv_heads,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+    }
+    if window:
+        decoder["sliding_window"] = {"window_size": int(window), "slide_key_value_cache": False,
+                                     "slide_inputs": False, "layers": [], "cache_slack": 0}
+    return {
+        "model": {
+            "type": TRT_TO_HF_TYPE.get(ck.config["architecture"], "llama"),
+            "bos_token_id": facts["bos_id"], "eos_token_id": facts["end_id"], "pad_token_id": facts["pad_id"],
+            "vocab_size": facts["vocab_size"], "context_length": context_length, "decoder": decoder,
+        },
+        "engine": {"static_batching": {"max_batch_size": max_batch_size}},
+        "search": {"do_sample": False, "max_length": context_length, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True,
+                   "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
+def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
+    import onnx
+
+    from build_engine import presets
+
+    if accuracy_level not in (1, 2, 3, 4):
+        raise UserError(f"accuracy level {accuracy_level} is not one of 1 (fp32), 2, 3, 4 (int8 activations)")
+    ckpt, output = Path(ckpt), Path(output)
+    ck_manifest = manifest.read(ckpt, "trtllm-checkpoint")
+    facts = ck_manifest["model"]
+    checkpoint.validate(ckpt, real_vocab=facts["vocab_size"])
+    preset = presets.load(ck_manifest["preset"]) if ck_manifest.get("preset") else None
+    limits = preset.engine if preset else presets.EngineLimits(8, 2048, 4096, 4096)
+    context_length = min(limits.max_seq_len, facts["max_position_embeddings"])
+    ck = checkpoint.Checkpoint(ckpt)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        model = build_graph(ck, facts["vocab_size"], facts.get("sliding_window"), context_length, accuracy_level)
+        onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=MODEL_FILE + ".data", size_threshold=1024)
+        (tmp / "genai_config.json").write_text(json.dumps(
+            genai_config(ck, facts, context_length, limits.max_batch_size), indent=2))
+        shutil.copytree(ckpt / "tokenizer", tmp / "tokenizer")
+        manifest.write(
+            tmp, ENGINE_KIND,
+            checkpoint={"path": str(ckpt.resolve()), "files": ck_manifest["files"]},
+            preset=ck_manifest.get("preset"),
+            settings={"accuracy_level": accuracy_level, "context_length": context_length,
+                      "sliding_window": facts.get("sliding_window"), "kv_cache_dtype": "float32",
+                      "group_size": ck.shapes.group_size, "lm_head": "dense fp32, sliced to the real vocabulary"},
+            limits=vars(limits), model=facts,
+        )
+        manifest.publish(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
