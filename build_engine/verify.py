@@ -1,0 +1,184 @@
+"""Fidelity report for a checkpoint and its CPU engine.
+
+(a) engine vs reference: the CPU engine's logits against the independent PyTorch reference
+    (build_engine.reference), and greedy generations on ChatML prompts;
+(b) quantized vs original: perplexity on held-out text (never calibrated on) and top-1 agreement
+    with the original model, for the AWQ checkpoint and for plain round-to-nearest (RTN) INT4 at
+    the same group size, so the report shows what AWQ bought.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from build_engine import UserError, calibration, manifest
+
+PROMPTS = (
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Name three primary colors."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain what a GPU is in one sentence."}],
+    [{"role": "user", "content": "Translate 'good morning' into German."}],
+    [{"role": "user", "content": "List the first five prime numbers."}],
+)
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    greedy_new_tokens: int = 24
+    ppl_windows: int = 8
+    ppl_seq_len: int = 256
+    near_tie: float = 1e-4
+
+
+def engine_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
+    """Logits [S, V] from the engine's ONNX graph for one prompt, no past."""
+    cfg = json.loads((engine_dir / "genai_config.json").read_text())["model"]["decoder"]
+    sess = _session(engine_dir)
+    feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+    empty = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_size"]), dtype=np.float32)
+    for i in range(cfg["num_hidden_layers"]):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return sess.run(["logits"], feeds)[0][0]
+
+
+_SESSIONS: dict[str, object] = {}
+
+
+def _session(engine_dir: Path):
+    import onnxruntime as ort
+
+    key = str(engine_dir.resolve())
+    if key not in _SESSIONS:
+        _SESSIONS[key] = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return _SESSIONS[key]
+
+
+def rtn_quantize_(model, group_size: int) -> None:
+    """Round-to-nearest symmetric INT4 (amax/7 per output row and group), in place, lm_head excluded."""
+    import torch
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                w = mod.weight.float()
+                g = w.reshape(w.shape[0], -1, group_size)
+                scale = (g.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-8)
+                mod.weight.copy_((g / scale).round().clamp(-8, 7).mul(scale).reshape(w.shape).to(mod.weight.dtype))
+
+
+def _nll_and_argmax(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray]:
+    x = logits[:-1].astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    target = np.asarray(ids[1:])
+    return float(-logp[np.arange(len(target)), target].sum()), logits[:-1].argmax(-1)
+
+
+def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
+        settings: VerifySettings = VerifySettings()) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from build_engine.reference import Reference
+    from build_engine.runtime import CpuEngine, Sampling
+
+    ck_m = manifest.read(ckpt, "trtllm-checkpoint")
+    eng_m = manifest.read(engine_dir, "cpu-engine")
+    facts = ck_m["model"]
+    if eng_m["checkpoint"]["files"] != ck_m["files"]:
+        raise UserError(f"engine {engine_dir} was not built from checkpoint {ckpt} (hashes differ)")
+    original_path = Path(original or ck_m["source"]["path"])
+    if not (original_path / "config.json").is_file():
+        raise UserError(f"original model {original_path} is not available; pass --original FOLDER")
+
+    ref = Reference(ckpt, facts["vocab_size"], facts.get("sliding_window"))
+    engine = CpuEngine(engine_dir)
+    tok = engine.tokenizer
+    end_id = facts["end_id"]
+
+    # (a) engine vs reference
+    rel_errors, prompts_out = [], []
+    for msgs in PROMPTS:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        lr, le = ref.logits(ids), engine_logits(engine_dir, ids)
+        rel_errors.append(float(np.abs(le - lr).max() / np.abs(lr).max()))
+        eng_toks, _, _ = engine.generate(ids, Sampling(max_tokens=settings.greedy_new_tokens))
+        ref_toks = [t for t in ref.greedy(ids, settings.greedy_new_tokens, end_id) if t != end_id]
+        entry = {"prompt": msgs[-1]["content"], "identical": eng_toks == ref_toks,
+                 "engine": tok.decode(eng_toks), "reference": tok.decode(ref_toks)}
+        if eng_toks != ref_toks:
+            k = next((i for i, (a, b) in enumerate(zip(eng_toks, ref_toks)) if a != b), min(len(eng_toks), len(ref_toks)))
+            top2 = np.sort(ref.logits(ids + ref_toks[:k])[-1])[-2:]
+            entry.update(first_divergence=k, reference_top2_gap=float(top2[1] - top2[0]),
+                         near_tie=bool(top2[1] - top2[0] < settings.near_tie))
+        prompts_out.append(entry)
+    engine.close()
+
+    # (b) quantized vs original, on held-out text
+    text = calibration.pydoc_text(held_out=True)
+    windows = calibration.token_batches(tok, [text], settings.ppl_windows, settings.ppl_seq_len, seed=1)
+    orig = AutoModelForCausalLM.from_pretrained(original_path, dtype=torch.float32).eval()
+    rtn = copy.deepcopy(orig)
+    rtn_quantize_(rtn, ck_m["quantization"]["group_size"])
+    nll = {"original": 0.0, "awq": 0.0, "rtn": 0.0}
+    agree = {"awq": 0, "rtn": 0}
+    n_tok = 0
+    V = facts["vocab_size"]
+    with torch.no_grad():
+        for ids in windows:
+            t = torch.tensor([ids])
+            lo = orig(t).logits[0, :, :V].numpy()
+            outs = {"original": lo, "awq": ref.logits(ids), "rtn": rtn(t).logits[0, :, :V].numpy()}
+            arg = {}
+            for k, lg in outs.items():
+                s, arg[k] = _nll_and_argmax(lg, ids)
+                nll[k] += s
+            agree["awq"] += int((arg["awq"] == arg["original"]).sum())
+            agree["rtn"] += int((arg["rtn"] == arg["original"]).sum())
+            n_tok += len(ids) - 1
+    ppl = {k: math.exp(v / n_tok) for k, v in nll.items()}
+
+    result = {
+        "checkpoint": str(ckpt), "engine": str(engine_dir), "original": str(original_path),
+        "engine_vs_reference": {
+            "max_rel_logits_error": max(rel_errors),
+            "greedy_prompts_identical": sum(p["identical"] for p in prompts_out),
+            "greedy_prompts_near_tie": sum(bool(p.get("near_tie")) for p in prompts_out),
+            "greedy_prompts_total": len(prompts_out),
+            "prompts": prompts_out,
+        },
+        "perplexity": {**ppl, "awq_over_original": ppl["awq"] / ppl["original"],
+                       "rtn_over_original": ppl["rtn"] / ppl["original"]},
+        "top1_agreement": {k: v / n_tok for k, v in agree.items()},
+        "settings": {"accuracy_level": eng_m["settings"]["accuracy_level"],
+                     "group_size": ck_m["quantization"]["group_size"],
+                     "heldout_text": "pydoc_data.topics, odd-indexed topics (calibration uses even-indexed)",
+                     "heldout_tokens": n_tok, **settings.__dict__},
+    }
+    report = Path(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2))
+    print(summary_table(result))
+    return result
+
+
+def summary_table(r: dict) -> str:
+    e, p, a = r["engine_vs_reference"], r["perplexity"], r["top1_agreement"]
+    rows = [
+        ("engine vs reference: max rel. logits error", f"{e['max_rel_logits_error']:.2e}"),
+        ("greedy prompts identical", f"{e['greedy_prompts_identical']}/{e['greedy_prompts_total']}"
+                                     f" (+{e['greedy_prompts_near_tie']} near-ties)"),
+        ("perplexity original", f"{p['original']:.3f}"),
+        ("perplexity AWQ (ratio)", f"{p['awq']:.3f} ({p['awq_over_original']:.4f})"),
+        ("perplexity RTN (ratio)", f"{p['rtn']:.3f} ({p['rtn_over_original']:.4f})"),
+        ("top-1 agreement AWQ / RTN", f"{a['awq']:.4f} / {a['rtn']:.4f}"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -1,0 +1,93 @@
+"""Session fixtures: the heavy artifacts (models, checkpoints, engines, a Triton server) are built
+once per test session and shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Built-in models are materialized into a per-session cache, so tests never see a stale one.
+_CACHE = None
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hermes-cache")
+    os.environ["HERMES_CACHE"] = str(d)
+    os.environ.setdefault("HERMES_QUIET", "1")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir) -> Path:
+    from build_engine import sources
+
+    return sources.resolve("tiny-hermes").path
+
+
+@pytest.fixture(scope="session")
+def smol_model(cache_dir) -> Path:
+    from build_engine import sources
+
+    return sources.resolve("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
+    from build_engine import quantize
+
+    return quantize.run("tiny-hermes", tmp_path_factory.mktemp("tiny") / "checkpoint", progress_log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt) -> Path:
+    from build_engine import onnx_engine
+
+    return onnx_engine.build(tiny_ckpt, tiny_ckpt.parent / "engine-cpu", accuracy_level=1)
+
+
+@pytest.fixture(scope="session")
+def smol_ckpt(smol_model, tmp_path_factory) -> Path:
+    """SmolLM2 with a small calibration set (4 x 64 tokens) to keep the suite quick; the preset's
+    default (8 x 128) is what `make demo` uses."""
+    from build_engine import quantize
+
+    return quantize.run("smollm2-135m-instruct", tmp_path_factory.mktemp("smol") / "checkpoint",
+                        progress_log=lambda *_: None, calib_size=4, calib_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def smol_engine(smol_ckpt) -> Path:
+    """The serving engine: accuracy level 4 (int8 activations), the default."""
+    from build_engine import onnx_engine
+
+    return onnx_engine.build(smol_ckpt, smol_ckpt.parent / "engine-cpu", accuracy_level=4)
+
+
+@pytest.fixture(scope="session")
+def smol_engine_fp32(smol_ckpt) -> Path:
+    from build_engine import onnx_engine
+
+    return onnx_engine.build(smol_ckpt, smol_ckpt.parent / "engine-cpu-fp32", accuracy_level=1)
+
+
+@pytest.fixture(scope="session")
+def smol_runtime(smol_engine):
+    from build_engine.runtime import CpuEngine
+
+    engine = CpuEngine(smol_engine)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def hermes_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from build_engine import sources
+
+    d = tmp_path_factory.mktemp("hermes-tok")
+    sources.write_hermes_tokenizer(d)
+    return AutoTokenizer.from_pretrained(d)

@@ -1,0 +1,27 @@
+"""`verify` on SmolLM2 at accuracy level 1: the engine reproduces the reference, and AWQ beats RTN."""
+
+import json
+
+from build_engine.__main__ import main as cli
+
+
+def test_verify_report_on_smollm2(smol_ckpt, smol_engine_fp32, smol_model, tmp_path, capsys):
+    report = tmp_path / "verify.json"
+    assert cli(["verify", "--checkpoint", str(smol_ckpt), "--engine", str(smol_engine_fp32),
+                "--report", str(report)]) == 0
+    assert "perplexity AWQ" in capsys.readouterr().out
+    r = json.loads(report.read_text())
+    e = r["engine_vs_reference"]
+    assert e["max_rel_logits_error"] <= 1e-4
+    assert e["greedy_prompts_identical"] + e["greedy_prompts_near_tie"] == e["greedy_prompts_total"] > 0
+    p = r["perplexity"]
+    assert p["original"] < p["awq"] <= p["rtn"]
+    assert p["awq_over_original"] == p["awq"] / p["original"]
+    assert 0 < r["top1_agreement"]["rtn"] <= r["top1_agreement"]["awq"] < 1
+    assert r["settings"]["accuracy_level"] == 1 and r["settings"]["group_size"] == 64
+
+
+def test_verify_refuses_an_engine_from_another_checkpoint(tiny_ckpt, smol_engine_fp32, tmp_path, capsys):
+    code = cli(["verify", "--checkpoint", str(tiny_ckpt), "--engine", str(smol_engine_fp32),
+                "--report", str(tmp_path / "r.json")])
+    assert code == 1 and "not built from checkpoint" in capsys.readouterr().err
