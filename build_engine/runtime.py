@@ -182,6 +182,10 @@ class CpuEngine:
 
     def submit(self, ids, sampling: Sampling = Sampling()) -> Stream:
         self.check_prompt(ids, sampling)
+        if sampling.seed is not None:
+            # og applies per-request seeds only in its paged (dynamic-batching) engine, which needs a
+            # paged-attention graph; this engine uses static batching.
+            raise ValueError("per-request seeds are not supported by the CPU engine; omit seed")
         if self._closed:
             raise RuntimeError("the engine is closed")
         p = _Pending(next(self._ids), np.asarray(ids, dtype=np.int32), sampling,
@@ -226,8 +230,6 @@ class CpuEngine:
             to.set_temperature(s.temperature)
             to.set_top_k(s.top_k)
             to.set_top_p(s.top_p)
-        if s.seed is not None:
-            to.set_seed(s.seed)
         if s.repetition_penalty != 1.0:
             to.set_repetition_penalty(s.repetition_penalty)
         return to
