@@ -1,0 +1,144 @@
+"""Write a Triton model repository for an engine (CPU engine or TensorRT-LLM GPU engine).
+
+  preprocessing -> tensorrt_llm -> postprocessing   = ensemble (tensorrtllm_backend's tensors)
+  tensorrt_llm_bls                                   = streaming chat model with exact text deltas
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from build_engine import UserError, manifest
+from model_repo.config import ModelSpec, Tensor, parse, render
+
+MODELS_DIR = Path(__file__).parent / "triton_models"
+S, I32, F32, U64, B = "TYPE_STRING", "TYPE_INT32", "TYPE_FP32", "TYPE_UINT64", "TYPE_BOOL"
+
+SAMPLING_INPUTS = [  # optional, shared by the ensemble and the BLS model
+    Tensor("stop_words", S, (-1,), True), Tensor("bad_words", S, (-1,), True),
+    Tensor("end_id", I32, (1,), True), Tensor("pad_id", I32, (1,), True),
+    Tensor("top_k", I32, (1,), True), Tensor("top_p", F32, (1,), True),
+    Tensor("temperature", F32, (1,), True), Tensor("repetition_penalty", F32, (1,), True),
+    Tensor("presence_penalty", F32, (1,), True), Tensor("frequency_penalty", F32, (1,), True),
+    Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
+    Tensor("stream", B, (1,), True), Tensor("exclude_input_in_output", B, (1,), True),
+    Tensor("return_log_probs", B, (1,), True),
+]
+LLM_INPUTS = [
+    Tensor("input_ids", I32, (-1,)), Tensor("input_lengths", I32, (1,)), Tensor("request_output_len", I32, (1,)),
+    Tensor("end_id", I32, (1,), True), Tensor("pad_id", I32, (1,), True), Tensor("streaming", B, (1,), True),
+    Tensor("runtime_top_k", I32, (1,), True), Tensor("runtime_top_p", F32, (1,), True),
+    Tensor("temperature", F32, (1,), True), Tensor("repetition_penalty", F32, (1,), True),
+    Tensor("presence_penalty", F32, (1,), True), Tensor("frequency_penalty", F32, (1,), True),
+    Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
+    Tensor("stop_words_list", I32, (2, -1), True), Tensor("bad_words_list", I32, (2, -1), True),
+    Tensor("exclude_input_in_output", B, (1,), True), Tensor("return_log_probs", B, (1,), True),
+]
+LLM_OUTPUTS = [Tensor("output_ids", I32, (-1, -1)), Tensor("sequence_length", I32, (-1,))]
+
+
+def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_batch_size: int,
+          instances: int) -> list[ModelSpec]:
+    facts, limits = eng["model"], eng["limits"]
+    end_id, pad_id = facts["end_id"], facts["pad_id"]
+    max_output_len = limits["max_seq_len"] - 1
+    tok = {"tokenizer_dir": str(tokenizer_dir), "end_id": str(end_id), "pad_id": str(pad_id),
+           "max_input_len": str(limits["max_input_len"])}
+    pre = ModelSpec(
+        "preprocessing", "python", max_batch_size,
+        inputs=[Tensor("QUERY", S, (1,)), Tensor("REQUEST_OUTPUT_LEN", I32, (1,)),
+                Tensor("STOP_WORDS", S, (-1,), True), Tensor("BAD_WORDS", S, (-1,), True),
+                Tensor("END_ID", I32, (1,), True), Tensor("PAD_ID", I32, (1,), True)],
+        outputs=[Tensor("INPUT_ID", I32, (-1,)), Tensor("REQUEST_INPUT_LEN", I32, (1,)),
+                 Tensor("OUT_REQUEST_OUTPUT_LEN", I32, (1,)), Tensor("OUT_END_ID", I32, (1,)),
+                 Tensor("OUT_PAD_ID", I32, (1,)), Tensor("STOP_WORDS_IDS", I32, (2, -1)),
+                 Tensor("BAD_WORDS_IDS", I32, (2, -1))],
+        parameters=tok, instances=instances)
+    post = ModelSpec(
+        "postprocessing", "python", max_batch_size,
+        inputs=[Tensor("TOKENS_BATCH", I32, (-1, -1)), Tensor("SEQUENCE_LENGTH", I32, (-1,))],
+        outputs=[Tensor("OUTPUT", S, (-1,))], parameters=tok, instances=instances)
+    if target == "cpu":
+        llm = ModelSpec("tensorrt_llm", "python", max_batch_size, LLM_INPUTS, LLM_OUTPUTS, decoupled=True,
+                        parameters={"engine_dir": str(engine_dir), "exclude_input_in_output": "true"})
+    else:
+        window = eng.get("runtime", {}).get("max_attention_window_size")
+        llm = ModelSpec("tensorrt_llm", "tensorrtllm", max_batch_size, LLM_INPUTS, LLM_OUTPUTS, decoupled=True,
+                        parameters={
+                            "gpt_model_type": "inflight_fused_batching", "gpt_model_path": str(engine_dir),
+                            "max_beam_width": "1", "batch_scheduler_policy": "max_utilization",
+                            "kv_cache_free_gpu_mem_fraction":
+                                str(eng.get("runtime", {}).get("kv_cache_free_gpu_mem_fraction", 0.9)),
+                            "exclude_input_in_output": "true", "enable_chunked_context": "true",
+                            **({"max_attention_window_size": str(window)} if window else {}),
+                        })
+    ensemble = ModelSpec(
+        "ensemble", None, max_batch_size,
+        inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
+        outputs=[Tensor("text_output", S, (-1,))],
+        ensemble_steps=[
+            {"model": "preprocessing",
+             "inputs": {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "STOP_WORDS": "stop_words",
+                        "BAD_WORDS": "bad_words", "END_ID": "end_id", "PAD_ID": "pad_id"},
+             "outputs": {"INPUT_ID": "_INPUT_ID", "REQUEST_INPUT_LEN": "_INPUT_LEN",
+                         "OUT_REQUEST_OUTPUT_LEN": "_OUTPUT_LEN", "OUT_END_ID": "_END_ID", "OUT_PAD_ID": "_PAD_ID",
+                         "STOP_WORDS_IDS": "_STOP_WORDS_IDS", "BAD_WORDS_IDS": "_BAD_WORDS_IDS"}},
+            {"model": "tensorrt_llm",
+             "inputs": {"input_ids": "_INPUT_ID", "input_lengths": "_INPUT_LEN", "request_output_len": "_OUTPUT_LEN",
+                        "end_id": "_END_ID", "pad_id": "_PAD_ID", "stop_words_list": "_STOP_WORDS_IDS",
+                        "bad_words_list": "_BAD_WORDS_IDS", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
+                        "temperature": "temperature", "repetition_penalty": "repetition_penalty",
+                        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                        "min_tokens": "min_tokens", "seed": "seed", "streaming": "stream",
+                        "exclude_input_in_output": "exclude_input_in_output", "return_log_probs": "return_log_probs"},
+             "outputs": {"output_ids": "_TOKENS", "sequence_length": "_SEQ_LEN"}},
+            {"model": "postprocessing", "inputs": {"TOKENS_BATCH": "_TOKENS", "SEQUENCE_LENGTH": "_SEQ_LEN"},
+             "outputs": {"OUTPUT": "text_output"}},
+        ])
+    bls = ModelSpec(
+        "tensorrt_llm_bls", "python", max_batch_size,
+        inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
+        outputs=[Tensor("text_output", S, (-1,)), Tensor("finish_reason", S, (1,)),
+                 Tensor("prompt_tokens", I32, (1,)), Tensor("completion_tokens", I32, (1,))],
+        decoupled=True, instances=instances,
+        parameters={**tok, "max_output_len": str(max_output_len), "tensorrt_llm_model_name": "tensorrt_llm"})
+    return [pre, llm, post, ensemble, bls]
+
+
+MODEL_FILES = {"preprocessing": "preprocessing.py", "postprocessing": "postprocessing.py",
+               "tensorrt_llm_bls": "bls.py", "tensorrt_llm": "tensorrt_llm_cpu.py"}
+
+
+def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, instances: int = 1) -> Path:
+    engine_dir, output = Path(engine_dir).resolve(), Path(output)
+    m = manifest.read(engine_dir)
+    target = {"cpu-engine": "cpu", "trtllm-engine": "gpu"}.get(m["kind"])
+    if target is None:
+        raise UserError(f"{engine_dir} holds a {m['kind']!r}, not an engine (build one with python -m build_engine build)")
+    mbs = max_batch_size or m["limits"]["max_batch_size"]
+    if mbs < 1 or instances < 1:
+        raise UserError("--max-batch-size and --instances must be >= 1")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        tokenizer_dir = output.resolve() / "tokenizer"
+        shutil.copytree(engine_dir / "tokenizer", tmp / "tokenizer")
+        for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, instances):
+            text = render(spec)
+            parse(text)  # every config must be a valid ModelConfig
+            d = tmp / spec.name
+            (d / "1").mkdir(parents=True)
+            (d / "config.pbtxt").write_text(text)
+            src = MODEL_FILES.get(spec.name)
+            if spec.backend == "python" and src:
+                shutil.copyfile(MODELS_DIR / src, d / "1" / "model.py")
+        manifest.write(tmp, "triton-repository", engine={"path": str(engine_dir), "kind": m["kind"],
+                                                          "files": m["files"]},
+                       target=target, settings={"max_batch_size": mbs, "instances": instances},
+                       model=m["model"], limits=m["limits"])
+        manifest.publish(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output

@@ -1,0 +1,182 @@
+"""Launch the real `tritonserver` that the nvidia-pytriton wheel carries (Triton 2.51, python
+backend), on loopback by default; wait for readiness; stop cleanly.
+
+    with TritonServer(repo) as server:
+        print(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from build_engine import UserError
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise UserError("the CPU server needs nvidia-pytriton==0.7.0 (pip install 'hermes-trtllm[serve]')") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise UserError(f"{root} has no bin/tritonserver: reinstall nvidia-pytriton")
+    return root
+
+
+def python_env() -> dict[str, str]:
+    """Environment in which the python-backend stub finds this Python's libpython and packages."""
+    root = pytriton_root()
+    libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs")]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    # The stub runs models with the first python3 on PATH: make it this interpreter's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def backend_dir(cache: Path) -> Path:
+    """backends/ with the python backend and the stub for this Python version."""
+    root = pytriton_root()
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserError(f"nvidia-pytriton has no python backend stub for Python {ver}")
+    dest = cache / f"triton-backends-py{ver}"
+    if not (dest / "python" / "triton_python_backend_stub").is_file():
+        tmp = dest.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(root / "backends", tmp)
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+def check_stub(backends: Path, env: dict[str, str]) -> None:
+    """A stub that cannot load its libpython makes tritonserver hang in model load: refuse early."""
+    stub = backends / "python" / "triton_python_backend_stub"
+    out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout
+    missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+    if missing:
+        raise UserError(f"the python backend stub cannot load {', '.join(missing)}; "
+                        f"install a shared-library build of Python {sys.version_info.major}.{sys.version_info.minor}")
+
+
+class TritonServer:
+    def __init__(self, repo: Path, host: str = "127.0.0.1", ports: Ports | None = None,
+                 log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None):
+        from build_engine.sources import cache_dir
+
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir():
+            raise UserError(f"model repository {repo} does not exist (run: python -m model_repo generate)")
+        self.host = host
+        self.ports = ports or Ports(free_port(), free_port(), free_port())
+        self.log_file, self.log_verbose = log_file, log_verbose
+        self.cache = cache or cache_dir()
+        self.proc: subprocess.Popen | None = None
+        self._log_thread: threading.Thread | None = None
+        self.log_lines: list[str] = []
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.ports.http}"
+
+    def command(self, backends: Path) -> list[str]:
+        return [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            "--model-repository", str(self.repo),
+            "--backend-directory", str(backends),
+            "--http-address", self.host, "--http-port", str(self.ports.http),
+            "--grpc-address", self.host, "--grpc-port", str(self.ports.grpc),
+            "--metrics-address", self.host, "--metrics-port", str(self.ports.metrics),
+            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-on-error=true",
+            "--log-verbose", str(self.log_verbose),
+        ]
+
+    def start(self, timeout_s: float = 180.0, echo: bool = False) -> "TritonServer":
+        env = python_env()
+        backends = backend_dir(self.cache)
+        check_stub(backends, env)
+        self.proc = subprocess.Popen(self.command(backends), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._log_thread = threading.Thread(target=self._pump, args=(echo,), daemon=True)
+        self._log_thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = "\n".join(self.log_lines[-15:])
+                raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading:\n{tail}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def _pump(self, echo: bool) -> None:
+        assert self.proc and self.proc.stdout
+        log = open(self.log_file, "a") if self.log_file else None
+        for line in self.proc.stdout:
+            self.log_lines.append(line.rstrip("\n"))
+            del self.log_lines[:-2000]
+            if echo:
+                sys.stderr.write(line)
+            if log:
+                log.write(line)
+                log.flush()
+        if log:
+            log.close()
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self._log_thread:
+            self._log_thread.join(timeout=5)
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,119 @@
+"""tensorrt_llm_bls: the streaming chat model. Tokenizes (ChatML prompt text from the client, BOS
+added exactly once), calls `tensorrt_llm` through BLS, and emits correct text deltas: a stateful
+detokenizer keeps SentencePiece leading spaces and never splits a multi-byte character, so the
+concatenated deltas equal the non-streamed text. Stops at the model's end id (from the tokenizer)."""
+
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+from build_engine.runtime import Detokenizer
+from model_repo.triton_models.common import BadRequest, params, scalar, strings, to_words_list
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Ensemble-style input name -> tensorrt_llm input name, dtype
+FORWARD = {
+    "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
+    "temperature": ("temperature", np.float32), "repetition_penalty": ("repetition_penalty", np.float32),
+    "presence_penalty": ("presence_penalty", np.float32), "frequency_penalty": ("frequency_penalty", np.float32),
+    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64), "end_id": ("end_id", np.int32),
+    "pad_id": ("pad_id", np.int32), "return_log_probs": ("return_log_probs", np.bool_),
+}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = params(args)
+        self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
+        self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
+        self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
+        self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+        return None
+
+    def _llm_request(self, request, ids):
+        text_max = scalar(pb_utils, request, "max_tokens")
+        if text_max is None:
+            raise BadRequest("max_tokens is required")
+        max_tokens = int(text_max)
+        if not 1 <= max_tokens <= self.max_output_len:
+            raise BadRequest(f"max_tokens must be between 1 and {self.max_output_len} (got {max_tokens})")
+        tensors = [
+            pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
+            pb_utils.Tensor("input_lengths", np.array([[len(ids)]], dtype=np.int32)),
+            pb_utils.Tensor("request_output_len", np.array([[max_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("streaming", np.array([[True]])),
+            pb_utils.Tensor("exclude_input_in_output", np.array([[True]])),
+        ]
+        for name, (target, dtype) in FORWARD.items():
+            v = scalar(pb_utils, request, name)
+            if v is not None:
+                tensors.append(pb_utils.Tensor(target, np.array([[v]], dtype=dtype)))
+        for name, target in (("stop_words", "stop_words_list"), ("bad_words", "bad_words_list")):
+            words = strings(pb_utils, request, name)
+            if words:
+                tensors.append(pb_utils.Tensor(target, to_words_list(self.tok, words)[None]))
+        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors,
+                                         requested_output_names=["output_ids", "sequence_length"])
+
+    def _response(self, text, finish_reason, n_prompt, n_out):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
+            pb_utils.Tensor("prompt_tokens", np.array([n_prompt], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([n_out], dtype=np.int32)),
+        ])
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            text = scalar(pb_utils, request, "text_input")
+            if not text:
+                raise BadRequest("text_input is empty")
+            add_special = not (self.tok.bos_token and text.startswith(self.tok.bos_token))
+            ids = self.tok(text, add_special_tokens=add_special)["input_ids"]
+            if len(ids) > self.max_input_len:
+                raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
+            stream = bool(scalar(pb_utils, request, "stream", False))
+            llm_request = self._llm_request(request, ids)
+        except (BadRequest, ValueError) as e:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            return
+        detok = Detokenizer(self.tok, skip_ids=(self.end_id,))
+        n_out, pieces = 0, []
+        responses = llm_request.exec(decoupled=True)
+        try:
+            for r in responses:
+                if sender.is_cancelled():
+                    cancel = getattr(responses, "cancel", None)
+                    if cancel:
+                        cancel()
+                    sender.send(flags=FINAL)
+                    return
+                if r.has_error():
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message())),
+                                flags=FINAL)
+                    return
+                out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+                if out is None:
+                    continue
+                new = [int(t) for t in out.as_numpy().reshape(-1)]
+                n_out += len(new)
+                delta = "".join(detok.push(t) for t in new)
+                if stream and delta:
+                    sender.send(self._response(delta, "", len(ids), n_out))
+                pieces.append(delta)
+        except Exception as e:  # a broken inner stream fails this request only
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")),
+                        flags=FINAL)
+            return
+        tail = detok.flush()
+        pieces.append(tail)
+        reason = "length" if n_out >= int(scalar(pb_utils, request, "max_tokens")) else "stop"
+        final_text = tail if stream else "".join(pieces)
+        sender.send(self._response(final_text, reason, len(ids), n_out), flags=FINAL)

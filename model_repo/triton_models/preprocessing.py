@@ -1,0 +1,47 @@
+"""preprocessing: text -> token ids (the model's HF tokenizer; BOS added exactly once)."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+from model_repo.triton_models.common import BadRequest, params, scalar, strings, to_words_list
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = params(args)
+        self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
+        self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
+        self.max_input_len = int(p["max_input_len"])
+
+    def _one(self, request):
+        text = scalar(pb_utils, request, "QUERY")
+        if not text:
+            raise BadRequest("text_input is empty")
+        # A prompt that already starts with BOS (e.g. a rendered chat template) must not get a second one.
+        add_special = not (self.tok.bos_token and text.startswith(self.tok.bos_token))
+        ids = self.tok(text, add_special_tokens=add_special)["input_ids"]
+        if len(ids) > self.max_input_len:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
+        out_len = scalar(pb_utils, request, "REQUEST_OUTPUT_LEN")
+        end_id = scalar(pb_utils, request, "END_ID", self.end_id)
+        pad_id = scalar(pb_utils, request, "PAD_ID", self.pad_id)
+        tensors = [
+            pb_utils.Tensor("INPUT_ID", np.array([ids], dtype=np.int32)),
+            pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(ids)]], dtype=np.int32)),
+            pb_utils.Tensor("OUT_REQUEST_OUTPUT_LEN", np.array([[out_len]], dtype=np.int32)),
+            pb_utils.Tensor("OUT_END_ID", np.array([[end_id]], dtype=np.int32)),
+            pb_utils.Tensor("OUT_PAD_ID", np.array([[pad_id]], dtype=np.int32)),
+            pb_utils.Tensor("STOP_WORDS_IDS", to_words_list(self.tok, strings(pb_utils, request, "STOP_WORDS"))[None]),
+            pb_utils.Tensor("BAD_WORDS_IDS", to_words_list(self.tok, strings(pb_utils, request, "BAD_WORDS"))[None]),
+        ]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            try:
+                responses.append(self._one(r))
+            except BadRequest as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        return responses

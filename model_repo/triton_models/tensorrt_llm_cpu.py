@@ -1,0 +1,111 @@
+"""tensorrt_llm on a CPU host: the same tensors as TensorRT-LLM's `tensorrtllm` backend, served by
+the CPU engine (onnxruntime-genai continuous batching). Decoupled: a streaming request gets one
+response per UTF-8-complete chunk of new tokens; a cancelled request stops generating at once."""
+
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from build_engine.runtime import CpuEngine, Sampling
+from model_repo.triton_models.common import BadRequest, from_words_list, params, scalar
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = params(args)
+        self.engine = CpuEngine(p["engine_dir"])
+        self.exclude_input_default = p.get("exclude_input_in_output", "true").lower() == "true"
+        self.max_output_len = self.engine.context_length
+
+    def _sampling(self, request, n_prompt: int) -> Sampling:
+        def val(name, default=None):
+            return scalar(pb_utils, request, name, default)
+
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+            if float(val(name, neutral)) != neutral:
+                raise BadRequest(f"{name} is not supported by the CPU engine")
+        if val("return_log_probs", False):
+            raise BadRequest("return_log_probs is not supported by the CPU engine")
+        bad = pb_utils.get_input_tensor_by_name(request, "bad_words_list")
+        if bad is not None and from_words_list(bad.as_numpy().reshape(2, -1)):
+            raise BadRequest("bad_words are not supported by the CPU engine")
+        stop_ids = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
+        stops = []
+        if stop_ids is not None:
+            stops = [self.engine.tokenizer.decode(w) for w in from_words_list(stop_ids.as_numpy().reshape(2, -1))]
+        end_id = int(val("end_id", self.engine.end_id))
+        max_tokens = val("request_output_len")
+        if max_tokens is None:
+            raise BadRequest("request_output_len (max_tokens) is required")
+        try:
+            return Sampling(
+                max_tokens=int(max_tokens), temperature=float(val("temperature", 0.0)),
+                top_k=int(val("runtime_top_k", 0)), top_p=float(val("runtime_top_p", 1.0)),
+                min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
+                seed=None if val("seed") is None else int(val("seed")),
+                stop=tuple(s for s in stops if s),
+                stop_token_ids=() if end_id == self.engine.end_id else (end_id,),
+            )
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+        return None
+
+    def _send_tokens(self, sender, ids, flags=0):
+        arr = np.array([[ids]], dtype=np.int32).reshape(1, 1, -1)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("output_ids", arr),
+            pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+        ]), flags=flags)
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
+            lengths = pb_utils.get_input_tensor_by_name(request, "input_lengths")
+            if lengths is not None:
+                ids = ids[: int(lengths.as_numpy().reshape(-1)[0])]
+            streaming = bool(scalar(pb_utils, request, "streaming", False))
+            exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
+            sampling = self._sampling(request, len(ids))
+            stream = self.engine.submit(ids.tolist(), sampling)
+        except (BadRequest, ValueError) as e:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            return
+        generated, held = [], []
+        try:
+            for step in stream:
+                if sender.is_cancelled():
+                    stream.close()
+                    sender.send(flags=FINAL)
+                    return
+                if step.error:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)), flags=FINAL)
+                    return
+                if step.token_id is not None:
+                    generated.append(step.token_id)
+                    held.append(step.token_id)
+                # Stream a chunk only when it decodes to complete characters.
+                if streaming and held and step.text and not step.finish_reason:
+                    self._send_tokens(sender, held)
+                    held = []
+                if step.finish_reason:
+                    break
+        finally:
+            stream.close()
+        if streaming:
+            if held:
+                self._send_tokens(sender, held)
+            sender.send(flags=FINAL)
+        else:
+            out = generated if exclude else ids.tolist() + generated
+            self._send_tokens(sender, out, flags=FINAL)
+
+    def finalize(self):
+        self.engine.close()
