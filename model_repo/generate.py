@@ -123,13 +123,14 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        tokenizer_dir = output.resolve() / "tokenizer"
-        shutil.copytree(engine_dir / "tokenizer", tmp / "tokenizer")
+        # Inside a model folder: Triton would take a top-level folder for a model.
+        tokenizer_dir = output.resolve() / "preprocessing" / "tokenizer"
+        shutil.copytree(engine_dir / "tokenizer", tmp / "preprocessing" / "tokenizer")
         for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, instances):
             text = render(spec)
             parse(text)  # every config must be a valid ModelConfig
             d = tmp / spec.name
-            (d / "1").mkdir(parents=True)
+            (d / "1").mkdir(parents=True, exist_ok=True)
             (d / "config.pbtxt").write_text(text)
             src = MODEL_FILES.get(spec.name)
             if spec.backend == "python" and src:

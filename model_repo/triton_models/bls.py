@@ -1,5 +1,5 @@
-"""tensorrt_llm_bls: the streaming chat model. Tokenizes (ChatML prompt text from the client, BOS
-added exactly once), calls `tensorrt_llm` through BLS, and emits correct text deltas: a stateful
+"""tensorrt_llm_bls: the streaming chat model. Tokenizes through the `preprocessing` model (one
+place turns text into ids, BOS exactly once), calls `tensorrt_llm` through BLS, and emits correct text deltas: a stateful
 detokenizer keeps SentencePiece leading spaces and never splits a multi-byte character, so the
 concatenated deltas equal the non-streamed text. Stops at the model's end id (from the tokenizer)."""
 
@@ -61,6 +61,15 @@ class TritonPythonModel:
         return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors,
                                          requested_output_names=["output_ids", "sequence_length"])
 
+    def _tokenize(self, text: str) -> list[int]:
+        r = pb_utils.InferenceRequest(
+            model_name="preprocessing", requested_output_names=["INPUT_ID"],
+            inputs=[pb_utils.Tensor("QUERY", np.array([[text.encode("utf-8")]], dtype=object)),
+                    pb_utils.Tensor("REQUEST_OUTPUT_LEN", np.array([[1]], dtype=np.int32))]).exec()
+        if r.has_error():
+            raise BadRequest(r.error().message())
+        return [int(i) for i in pb_utils.get_output_tensor_by_name(r, "INPUT_ID").as_numpy().reshape(-1)]
+
     def _response(self, text, finish_reason, n_prompt, n_out):
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
@@ -75,10 +84,7 @@ class TritonPythonModel:
             text = scalar(pb_utils, request, "text_input")
             if not text:
                 raise BadRequest("text_input is empty")
-            add_special = not (self.tok.bos_token and text.startswith(self.tok.bos_token))
-            ids = self.tok(text, add_special_tokens=add_special)["input_ids"]
-            if len(ids) > self.max_input_len:
-                raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
+            ids = self._tokenize(text)
             stream = bool(scalar(pb_utils, request, "stream", False))
             llm_request = self._llm_request(request, ids)
         except (BadRequest, ValueError) as e:

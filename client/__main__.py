@@ -1,0 +1,82 @@
+"""python -m client chat: stream answers from the deployed model (Ctrl-C cancels the answer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from client import Client, ClientError, Conversation
+
+EXAMPLES = """examples:
+  python -m client chat --url 127.0.0.1:8001
+  python -m client chat --prompt "What is the capital of France?" --json
+"""
+
+
+def chat(args) -> int:
+    c = Client(args.url, model=args.model, timeout_s=args.timeout)
+    conv = Conversation(c, system=args.system)
+    if args.prompt is not None:
+        reply = conv.say(args.prompt, max_tokens=args.max_tokens) if args.json else None
+        if args.json:
+            print(json.dumps({"text": reply.text, "finish_reason": reply.finish_reason,
+                              "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                              "ttft_s": reply.ttft_s}))
+        else:
+            for chunk in conv.stream(args.prompt, max_tokens=args.max_tokens):
+                print(chunk.text, end="", flush=True)
+            print()
+        return 0
+    print("chat with the model; Ctrl-C cancels an answer, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line.strip():
+            continue
+        stream = conv.stream(line, max_tokens=args.max_tokens)
+        print("model> ", end="", flush=True)
+        try:
+            for chunk in stream:
+                print(chunk.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            stream.close()
+            print(" [cancelled]")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="commands")
+    s = sub.add_parser("chat", help="interactive chat (or one-shot with --prompt)")
+    s.add_argument("--url", default=os.environ.get("HERMES_URL", "127.0.0.1:8001"))
+    s.add_argument("--model", default="tensorrt_llm_bls")
+    s.add_argument("--system")
+    s.add_argument("--prompt", help="ask once and exit")
+    s.add_argument("--json", action="store_true", help="with --prompt: print one JSON object")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--timeout", type=float, help="deadline per answer, seconds")
+    s.set_defaults(handler=chat)
+    args = p.parse_args(argv)
+    if not hasattr(args, "handler"):
+        p.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (ClientError, ValueError) as e:
+        if os.environ.get("HERMES_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
