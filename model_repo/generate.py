@@ -35,6 +35,7 @@ LLM_INPUTS = [
     Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
     Tensor("stop_words_list", I32, (2, -1), True), Tensor("bad_words_list", I32, (2, -1), True),
     Tensor("exclude_input_in_output", B, (1,), True), Tensor("return_log_probs", B, (1,), True),
+    Tensor("stop", B, (1,), True),
 ]
 LLM_OUTPUTS = [Tensor("output_ids", I32, (-1, -1)), Tensor("sequence_length", I32, (-1,))]
 

@@ -94,3 +94,27 @@ def hermes_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("hermes-tok")
     sources.write_hermes_tokenizer(d)
     return AutoTokenizer.from_pretrained(d)
+
+
+def _serve(engine: Path, name: str):
+    from model_repo.generate import generate
+    from model_repo.server import TritonServer
+
+    repo = generate(engine, engine.parent / f"repo-{name}")
+    server = TritonServer(repo, log_verbose=0).start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def smol_server(smol_engine_fp32):
+    """The real Triton server on the SmolLM2 CPU engine (fp32 compute: batch-invariant)."""
+    server = _serve(smol_engine_fp32, "smol")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_engine):
+    server = _serve(tiny_engine, "tiny")
+    yield server
+    server.stop()

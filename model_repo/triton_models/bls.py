@@ -3,6 +3,8 @@ place turns text into ids, BOS exactly once), calls `tensorrt_llm` through BLS, 
 detokenizer keeps SentencePiece leading spaces and never splits a multi-byte character, so the
 concatenated deltas equal the non-streamed text. Stops at the model's end id (from the tokenizer)."""
 
+import itertools
+import json
 import threading
 
 import numpy as np
@@ -31,6 +33,8 @@ class TritonPythonModel:
         self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
 
+    _ids = itertools.count()
+
     def execute(self, requests):
         for request in requests:
             threading.Thread(target=self._serve, args=(request,), daemon=True).start()
@@ -58,8 +62,22 @@ class TritonPythonModel:
             words = strings(pb_utils, request, name)
             if words:
                 tensors.append(pb_utils.Tensor(target, to_words_list(self.tok, words)[None]))
-        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors,
+        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=self._next_id(),
                                          requested_output_names=["output_ids", "sequence_length"])
+
+    def _next_id(self) -> str:
+        return f"bls-{id(self)}-{next(self._ids)}"
+
+    def _stop(self, request_id: str) -> None:
+        """Cancel an inner request the way TensorRT-LLM's backend defines it: a request with the same
+        id and stop=true (BLS requests cannot be cancelled directly in this Triton version)."""
+        one = np.array([[1]], dtype=np.int32)
+        stop = pb_utils.InferenceRequest(
+            model_name=self.llm, request_id=request_id, requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor("input_ids", one), pb_utils.Tensor("input_lengths", one),
+                    pb_utils.Tensor("request_output_len", one), pb_utils.Tensor("stop", np.array([[True]]))])
+        for _ in stop.exec(decoupled=True):
+            pass
 
     def _tokenize(self, text: str) -> list[int]:
         r = pb_utils.InferenceRequest(
@@ -81,6 +99,9 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
+            unknown = sorted(json.loads(request.parameters() or "{}"))
+            if unknown:
+                raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
             text = scalar(pb_utils, request, "text_input")
             if not text:
                 raise BadRequest("text_input is empty")
@@ -96,9 +117,7 @@ class TritonPythonModel:
         try:
             for r in responses:
                 if sender.is_cancelled():
-                    cancel = getattr(responses, "cancel", None)
-                    if cancel:
-                        cancel()
+                    self._stop(llm_request.request_id())
                     sender.send(flags=FINAL)
                     return
                 if r.has_error():

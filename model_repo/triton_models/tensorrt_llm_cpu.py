@@ -19,6 +19,7 @@ class TritonPythonModel:
         self.engine = CpuEngine(p["engine_dir"])
         self.exclude_input_default = p.get("exclude_input_in_output", "true").lower() == "true"
         self.max_output_len = self.engine.context_length
+        self.live = {}  # request id -> engine stream, for stop requests
 
     def _sampling(self, request, n_prompt: int) -> Sampling:
         def val(name, default=None):
@@ -66,6 +67,14 @@ class TritonPythonModel:
 
     def _serve(self, request):
         sender = request.get_response_sender()
+        rid = request.request_id()
+        if scalar(pb_utils, request, "stop", False):
+            # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
+            target = self.live.get(rid)
+            if target is not None:
+                target.close()
+            sender.send(flags=FINAL)
+            return
         try:
             ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
             lengths = pb_utils.get_input_tensor_by_name(request, "input_lengths")
@@ -75,6 +84,8 @@ class TritonPythonModel:
             exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
             sampling = self._sampling(request, len(ids))
             stream = self.engine.submit(ids.tolist(), sampling)
+            if rid:
+                self.live[rid] = stream
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             return
@@ -83,6 +94,7 @@ class TritonPythonModel:
             for step in stream:
                 if sender.is_cancelled():
                     stream.close()
+                    pb_utils.Logger.log_info(f"request cancelled after {len(generated)} tokens")
                     sender.send(flags=FINAL)
                     return
                 if step.error:
@@ -99,6 +111,11 @@ class TritonPythonModel:
                     break
         finally:
             stream.close()
+            self.live.pop(rid, None)
+        if stream.finish_reason == "cancelled":
+            pb_utils.Logger.log_info(f"request cancelled after {len(generated)} tokens")
+            sender.send(flags=FINAL)
+            return
         if streaming:
             if held:
                 self._send_tokens(sender, held)

@@ -1,0 +1,180 @@
+"""The real Triton server hosting the CPU engine: ensemble, streaming BLS, HTTP, faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client import Message, format_chatml
+from tests.triton_util import http_post, inputs, ready, stream_call
+
+QUESTION = [Message("user", "What is the capital of France?")]
+
+
+@pytest.fixture(params=["smol", "tiny"])
+def server(request):
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+def chat_ids(tok_dir, msgs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return tok.apply_chat_template([m.__dict__ for m in msgs], add_generation_prompt=True, tokenize=True,
+                                   return_dict=True)["input_ids"]
+
+
+def test_server_feeds_the_engine_the_chat_template_ids(server):
+    """No double BOS: the ids equal apply_chat_template(tokenize=True), for the prompt as sent and
+    for one that already carries BOS."""
+    msgs = [Message("system", "Be brief."), Message("user", "Héllo — 東京?")]
+    want = chat_ids(server.repo / "preprocessing" / "tokenizer", msgs)
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    from transformers import AutoTokenizer
+
+    bos = AutoTokenizer.from_pretrained(server.repo / "preprocessing" / "tokenizer").bos_token or ""
+    prompts = [format_chatml(msgs)]
+    if bos and not prompts[0].startswith(bos):  # Hermes: "<s>"; SmolLM2's BOS is <|im_start|> itself
+        prompts.append(bos + prompts[0])
+    for prompt in prompts:
+        q = grpcclient.InferInput("QUERY", [1, 1], "BYTES")
+        q.set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+        n = grpcclient.InferInput("REQUEST_OUTPUT_LEN", [1, 1], "INT32")
+        n.set_data_from_numpy(np.array([[8]], dtype=np.int32))
+        ids = c.infer("preprocessing", [q, n]).as_numpy("INPUT_ID").reshape(-1).tolist()
+        assert ids == want
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm_bls", "ensemble"])
+def test_streamed_deltas_concatenate_to_the_full_text(server, model):
+    prompt = format_chatml([Message("user", "Write two sentences about the ocean, with an émoji 🌊.")])
+    full, err = stream_call(server.grpc_url, model, inputs(prompt, 40, stream=False))
+    assert err is None and len(full) == 1 and full[0]
+    pieces, err = stream_call(server.grpc_url, model, inputs(prompt, 40, stream=True))
+    assert err is None and len([p for p in pieces if p]) > 3
+    assert "".join(pieces) == full[0]
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_smollm2_answers_paris_over_grpc_and_http(smol_server):
+    prompt = format_chatml(QUESTION)
+    pieces, err = stream_call(smol_server.grpc_url, "tensorrt_llm_bls", inputs(prompt, 48, stream=True))
+    assert err is None and "Paris" in "".join(pieces) and "<|im_end|>" not in "".join(pieces)
+    status, body = http_post(smol_server.http_url, "/v2/models/tensorrt_llm_bls/generate",
+                             {"text_input": prompt, "max_tokens": 48})
+    assert status == 200 and json.loads(body)["text_output"] == "".join(pieces)
+    assert json.loads(body)["finish_reason"] == "stop"
+    status, body = http_post(smol_server.http_url, "/v2/models/ensemble/generate_stream",
+                             {"text_input": prompt, "max_tokens": 48, "stream": True})
+    events = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:")]
+    assert status == 200 and len(events) > 3
+    assert "".join(e["text_output"] for e in events) == "".join(pieces)
+
+
+def test_eight_concurrent_streams_match_their_solo_runs(smol_server):
+    questions = [f"Name {w} thing that is blue." for w in ("one", "a small", "a big", "an old", "a new", "a soft",
+                                                           "a hard", "a cold")]
+    prompts = [format_chatml([Message("user", q)]) for q in questions]
+    solo = ["".join(stream_call(smol_server.grpc_url, "tensorrt_llm_bls", inputs(p, 24, stream=True))[0])
+            for p in prompts]
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, "".join(stream_call(
+        smol_server.grpc_url, "tensorrt_llm_bls", inputs(prompts[i], 24, stream=True))[0]))) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert [got[i] for i in range(8)] == solo
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm_bls", "tensorrt_llm_direct"])
+def test_cancelled_stream_stops_generation_and_the_next_request_is_served(smol_server, model):
+    c = grpcclient.InferenceServerClient(smol_server.grpc_url)
+    got = []
+    c.start_stream(callback=lambda result, error: got.append((result, error)))
+    prompt = format_chatml([Message("user", "Tell me a very long story about dragons.")])
+    if model == "tensorrt_llm_direct":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(smol_server.repo / "preprocessing" / "tokenizer")
+        ids = np.array([tok(prompt)["input_ids"]], dtype=np.int32)
+        ins = []
+        for name, arr, dt in (("input_ids", ids, "INT32"), ("input_lengths", np.array([[ids.shape[1]]], np.int32), "INT32"),
+                              ("request_output_len", np.array([[1500]], np.int32), "INT32"),
+                              ("streaming", np.array([[True]]), "BOOL")):
+            x = grpcclient.InferInput(name, list(arr.shape), dt)
+            x.set_data_from_numpy(arr)
+            ins.append(x)
+        c.async_stream_infer("tensorrt_llm", ins)
+    else:
+        c.async_stream_infer("tensorrt_llm_bls", inputs(prompt, 1500, stream=True))
+    deadline = time.time() + 60
+    while len(got) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    n_before = len(smol_server.log_lines)
+    c.stop_stream(cancel_requests=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and not any("request cancelled after" in l for l in smol_server.log_lines[n_before:]):
+        time.sleep(0.05)
+    line = next(l for l in smol_server.log_lines[n_before:] if "request cancelled after" in l)
+    assert int(line.rsplit("after", 1)[1].split()[0]) < 200
+    pieces, err = stream_call(smol_server.grpc_url, "tensorrt_llm_bls", inputs(format_chatml(QUESTION), 32, True))
+    assert err is None and "Paris" in "".join(pieces)
+
+
+BAD = [
+    ("empty prompt", dict(prompt=""), "text_input is empty"),
+    ("max_tokens zero", dict(max_tokens=0), "max_tokens must be between 1"),
+    ("max_tokens too large", dict(max_tokens=10**6), "max_tokens must be between 1"),
+    ("unsupported penalty", dict(presence_penalty=(0.5, "FP32")), "not supported"),
+    ("bad top_p", dict(top_p=(1.5, "FP32")), "top_p must be in"),
+]
+
+
+@pytest.mark.parametrize("model", ["tensorrt_llm_bls", "ensemble"])
+@pytest.mark.parametrize("case,kw,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(smol_server, model, case, kw, message):
+    kw = dict(kw)
+    prompt = kw.pop("prompt", format_chatml(QUESTION))
+    max_tokens = kw.pop("max_tokens", 16)
+    if model == "ensemble" and case == "max_tokens too large":
+        message = "exceeds the engine's maximum sequence length"
+    if model == "ensemble" and case == "max_tokens zero":
+        message = "max_tokens must be >= 1"
+    pieces, err = stream_call(smol_server.grpc_url, model, inputs(prompt, max_tokens, True, **kw))
+    assert err is not None and message in err, err
+    assert ready(smol_server.http_url)
+
+
+def test_over_long_prompt_is_refused(smol_server):
+    prompt = format_chatml([Message("user", "word " * 5000)])
+    for model in ("tensorrt_llm_bls", "ensemble"):
+        _, err = stream_call(smol_server.grpc_url, model, inputs(prompt, 16, True))
+        assert err is not None and "the engine accepts at most" in err
+    assert ready(smol_server.http_url)
+
+
+def test_wrong_type_and_unknown_parameter_are_refused(smol_server):
+    x = grpcclient.InferInput("max_tokens", [1, 1], "FP32")
+    x.set_data_from_numpy(np.array([[16.0]], dtype=np.float32))
+    _, err = stream_call(smol_server.grpc_url, "tensorrt_llm_bls", [inputs(format_chatml(QUESTION))[0], x])
+    assert err is not None and "data-type" in err.lower().replace("datatype", "data-type") or "type" in err
+    status, body = http_post(smol_server.http_url, "/v2/models/tensorrt_llm_bls/generate",
+                             {"text_input": "hi", "max_tokens": 8, "no_such_parameter": 1})
+    assert status == 400 and b"no_such_parameter" in body
+    assert ready(smol_server.http_url)
+
+
+def test_generated_configs_parse_as_model_config(smol_server):
+    from model_repo.config import parse
+
+    for name in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls"):
+        cfg = parse((smol_server.repo / name / "config.pbtxt").read_text())
+        assert cfg.name == name
+    llm = parse((smol_server.repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    assert llm.model_transaction_policy.decoupled
+    assert {i.name for i in llm.input} >= {"input_ids", "input_lengths", "request_output_len", "end_id",
+                                           "streaming", "stop_words_list", "runtime_top_k", "seed"}

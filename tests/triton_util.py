@@ -1,0 +1,64 @@
+"""Raw tritonclient helpers for the serving tests (the project's client is tested separately)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def inputs(prompt: str, max_tokens: int = 32, stream: bool = False, **extra):
+    def t(name, arr, dtype):
+        x = grpcclient.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(arr)
+        return x
+
+    out = [t("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
+           t("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+           t("stream", np.array([[stream]]), "BOOL")]
+    for name, (value, dtype) in extra.items():
+        out.append(t(name, np.array([[value]], dtype={"INT32": np.int32, "FP32": np.float32,
+                                                      "BOOL": np.bool_, "BYTES": object}[dtype]), dtype))
+    return out
+
+
+def stream_call(url: str, model: str, ins, timeout: float = 120) -> tuple[list[str], str | None]:
+    """(text pieces, error) of one gRPC streaming request."""
+    c = grpcclient.InferenceServerClient(url)
+    q: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    c.async_stream_infer(model, ins, enable_empty_final_response=True)
+    pieces, err = [], None
+    try:
+        while True:
+            r, e = q.get(timeout=timeout)
+            if e is not None:
+                err = e.message()
+                break
+            a = r.as_numpy("text_output")
+            if a is not None:
+                pieces.extend(x.decode() for x in a.reshape(-1))
+            if r.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        c.stop_stream()
+        c.close()
+    return pieces, err
+
+
+def http_post(url: str, path: str, body: dict) -> tuple[int, bytes]:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def ready(url: str) -> bool:
+    with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as r:
+        return r.status == 200
