@@ -119,7 +119,11 @@ class Stream:
         self.request_id = request_id
         self._closed = False
         self._g.start_stream(callback=self._on_response, stream_timeout=timeout_s, headers=headers)
-        self._g.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+        try:
+            self._g.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+        except Exception as e:  # a broken stream: its cause has been reported through the callback
+            if self._q.empty():
+                self._q.put((None, e))
 
     def _on_response(self, result, error):  # tritonclient calls back with these exact names
         self._q.put((result, error))

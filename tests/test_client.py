@@ -1,0 +1,171 @@
+"""client/: ChatML formatting, validation, error mapping (offline) and streaming against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from client import (AsyncClient, BadRequestError, Client, Conversation, DeadlineExceededError, Message,
+                    SamplingParams, ServerError, UnavailableError, error_from_grpc, format_chatml)
+
+PIECES = ["Hello", "naïve café", "東京タワー", "emoji 🚀🔥", " leading space", "trailing space ", "multi\nline",
+          "<b>tags</b>", "quote \" and ' and \\", ""]
+
+
+def random_conversation(rng: random.Random) -> list[Message]:
+    msgs = [Message("system", rng.choice(PIECES))] if rng.random() < 0.5 else []
+    for i in range(rng.randint(1, 4)):
+        msgs.append(Message("user", " ".join(rng.sample(PIECES, 2))))
+        if rng.random() < 0.7:
+            msgs.append(Message("assistant", rng.choice(PIECES)))
+    return msgs
+
+
+def test_format_chatml_equals_the_model_template_text_and_ids(hermes_tokenizer):
+    tok = hermes_tokenizer
+    rng = random.Random(0)
+    for _ in range(50):
+        msgs = random_conversation(rng)
+        dicts = [m.__dict__ for m in msgs]
+        for gen in (True, False):
+            want = tok.apply_chat_template(dicts, add_generation_prompt=gen, tokenize=False)
+            assert tok.bos_token + format_chatml(msgs, add_generation_prompt=gen) == want
+            ids = tok.apply_chat_template(dicts, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
+            assert tok(format_chatml(msgs, add_generation_prompt=gen))["input_ids"] == ids
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"top_k": -2}, "top_k must be an integer >= 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+    ({"presence_penalty": 3}, "presence_penalty must be in [-2, 2]"),
+    ({"min_tokens": 10, "max_tokens": 5}, "min_tokens must be in [0, max_tokens]"),
+    ({"seed": -1}, "seed must be a uint64"),
+    ({"stop": ["ok", ""]}, "stop sequences must be non-empty strings"),
+])
+def test_sampling_params_are_validated_before_any_call(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kwargs)
+    assert message in str(e.value)
+
+
+def test_message_roles_are_validated():
+    with pytest.raises(ValueError, match="role must be one of"):
+        Message("robot", "hi")
+
+
+@pytest.mark.parametrize("status,message,kind", [
+    ("StatusCode.UNAVAILABLE", "connection refused", UnavailableError),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", DeadlineExceededError),
+    ("StatusCode.INVALID_ARGUMENT", "bad", BadRequestError),
+    (None, "text_input is empty", BadRequestError),
+    (None, "max_tokens must be between 1 and 2047 (got 0)", BadRequestError),
+    (None, "engine exploded", ServerError),
+])
+def test_errors_map_from_grpc_status_and_in_band_messages(status, message, kind):
+    err = error_from_grpc(status, message)
+    assert type(err) is kind and str(err) == message
+
+
+# -- against the real server ----------------------------------------------------------------
+
+QUESTION = [Message("user", "What is the capital of France?")]
+
+
+def test_sync_stream_and_complete_agree(smol_server):
+    with Client(smol_server.grpc_url) as c:
+        chunks = list(c.stream(QUESTION, max_tokens=48))
+        done = c.complete(QUESTION, max_tokens=48)
+    assert "".join(ch.text for ch in chunks) == done.text and "Paris" in done.text
+    assert chunks[-1].finish_reason == "stop" and done.finish_reason == "stop"
+    assert done.prompt_tokens > 5 and 0 < done.completion_tokens < 48 and 0 < done.ttft_s <= done.latency_s
+
+
+def test_http_transport_gives_the_same_text(smol_server):
+    with Client(smol_server.grpc_url) as g:
+        want = g.complete(QUESTION, max_tokens=32).text
+    h = Client(smol_server.http_url, protocol="http")
+    assert h.complete(QUESTION, max_tokens=32).text == want
+
+
+def test_early_close_cancels_and_the_client_keeps_working(smol_server):
+    with Client(smol_server.grpc_url) as c:
+        with c.stream([Message("user", "Tell me a very long story.")], max_tokens=1000) as s:
+            for i, _ in enumerate(s):
+                if i == 2:
+                    break
+        assert "Paris" in c.complete(QUESTION, max_tokens=32).text
+
+
+def test_deadline_expiry_raises_the_timeout_error(smol_server):
+    with Client(smol_server.grpc_url, timeout_s=0.05) as c:
+        with pytest.raises(DeadlineExceededError):
+            c.complete([Message("user", "Tell me a very long story.")], max_tokens=1000)
+
+
+def test_server_down_raises_unavailable_after_retries():
+    from model_repo.server import free_port
+
+    with Client(f"127.0.0.1:{free_port()}", retries=2, backoff_s=0.01) as c:
+        with pytest.raises(UnavailableError):
+            c.complete(QUESTION, max_tokens=8)
+
+
+def test_bad_request_surfaces_as_bad_request_error(smol_server):
+    with Client(smol_server.grpc_url) as c:
+        with pytest.raises(BadRequestError, match="presence_penalty is not supported"):
+            c.complete(QUESTION, max_tokens=8, presence_penalty=0.5)
+
+
+def test_sixteen_concurrent_async_streams_complete(smol_server):
+    async def main():
+        async with AsyncClient(smol_server.grpc_url) as c:
+            return await asyncio.gather(*[c.complete([Message("user", f"Count to {i % 4 + 2}.")], max_tokens=24)
+                                          for i in range(16)])
+
+    results = asyncio.run(main())
+    assert len(results) == 16 and all(r.text and r.finish_reason in ("stop", "length") for r in results)
+
+
+def test_async_early_close_cancels(smol_server):
+    async def main():
+        async with AsyncClient(smol_server.grpc_url) as c:
+            stream = c.stream([Message("user", "Tell me a very long story.")], max_tokens=1000)
+            n = 0
+            async for _ in stream:
+                n += 1
+                if n == 2:
+                    break
+            await stream.aclose()
+            return await c.complete(QUESTION, max_tokens=32)
+
+    assert "Paris" in asyncio.run(main()).text
+
+
+def test_conversation_keeps_history(smol_server):
+    with Client(smol_server.grpc_url) as c:
+        conv = Conversation(c, system="You are a helpful assistant.")
+        reply = conv.say("What is the capital of France?", max_tokens=32)
+    assert [m.role for m in conv.messages] == ["system", "user", "assistant"]
+    assert conv.messages[-1].content == reply.text
+
+
+def test_chat_cli_one_shot_json(smol_server):
+    out = subprocess.run([sys.executable, "-m", "client", "chat", "--url", smol_server.grpc_url, "--prompt",
+                          "What is the capital of France?", "--json", "--max-tokens", "32"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in json.loads(out.stdout)["text"]
+
+
+def test_client_does_not_import_torch_or_transformers():
+    code = "import sys, client; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False False"
