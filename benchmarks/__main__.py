@@ -1,0 +1,135 @@
+"""python -m benchmarks: serve (sweep a deployment) | roofline | suite (make bench)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+from pathlib import Path
+
+KEYS = ("completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+        "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+    for r in results:
+        c = r["config"]["concurrency"]
+        (out / f"serve_c{c}.json").write_text(json.dumps({**r, "environment": env}, indent=2))
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["concurrency", *KEYS])
+        for r in results:
+            w.writerow([r["config"]["concurrency"], *[r["metrics"].get(k) for k in KEYS]])
+    plot(results, out / "latency_vs_concurrency.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [r["config"]["concurrency"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
+        a.plot(cs, [r["metrics"][key] for r in results], marker="o", label=key)
+    a.set_xlabel("concurrency"), a.set_ylabel("ms"), a.set_xscale("log", base=2), a.legend()
+    b.plot([r["metrics"]["median_ttft_ms"] for r in results], [r["metrics"]["output_throughput"] for r in results],
+           marker="o")
+    for c, r in zip(cs, results):
+        b.annotate(f"c={c}", (r["metrics"]["median_ttft_ms"], r["metrics"]["output_throughput"]))
+    b.set_xlabel("median TTFT (ms)"), b.set_ylabel("output tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(results: list[dict]) -> str:
+    def fmt(v):
+        return "missing" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [["concurrency", *KEYS]] + [[str(r["config"]["concurrency"]), *[fmt(r["metrics"].get(k)) for k in KEYS]]
+                                       for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _serve(args) -> int:
+    from benchmarks.runner import RunConfig, run_sweep
+
+    slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
+        if args.goodput else None
+    base = RunConfig(args.url, args.model, args.num_prompts, args.input_words, args.output_len,
+                     request_rate=args.request_rate, warmup=args.warmup)
+    results = run_sweep(base, [int(c) for c in args.concurrency.split(",")], slo)
+    write_results(results, Path(args.out))
+    print(summary(results))
+    return 0
+
+
+def _roofline(args) -> int:
+    from benchmarks import roofline
+
+    b = roofline.bytes_from_checkpoint(Path(args.checkpoint)) if args.checkpoint else roofline.preset_bytes(args.preset)
+    r = roofline.roofline(b, args.gpu, args.batch)
+    print(roofline.format_roofline(r, roofline.load_result(Path(args.result)) if args.result else None))
+    return 0
+
+
+def _suite(args) -> int:
+    """make bench: serve the CPU demo repository and sweep concurrency 1, 4, 8."""
+    from benchmarks.runner import RunConfig, run_sweep
+    from model_repo.server import TritonServer
+
+    with TritonServer(Path(args.repo)) as server:
+        base = RunConfig(server.grpc_url, num_prompts=args.num_prompts, output_len=args.output_len)
+        results = run_sweep(base, [1, 4, 8])
+    write_results(results, Path(args.out))
+    print(summary(results))
+    print(f"results in {args.out}/ (JSON per run, summary.csv, latency_vs_concurrency.png)")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(title="commands")
+    s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming")
+    s.add_argument("--url", required=True)
+    s.add_argument("--model", default="tensorrt_llm_bls")
+    s.add_argument("--concurrency", default="1,2,4,8")
+    s.add_argument("--request-rate", type=float, help="Poisson arrivals, requests/s")
+    s.add_argument("--num-prompts", type=int, default=16)
+    s.add_argument("--input-words", type=int, default=32)
+    s.add_argument("--output-len", type=int, default=64, help="fixed output length (EOS ignored via min_tokens)")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--goodput", help="SLOs, e.g. ttft_ms:500,tpot_ms:50")
+    s.add_argument("--out", default="results")
+    s.set_defaults(handler=_serve)
+    s = sub.add_parser("roofline", help="decode upper bound from bytes read per step")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint")
+    g.add_argument("--preset")
+    s.add_argument("--gpu", default="h100")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--result", help="a serve_c1.json to compare against")
+    s.set_defaults(handler=_roofline)
+    s = sub.add_parser("suite", help="make bench: CPU demo deployment, concurrency 1/4/8")
+    s.add_argument("--repo", required=True)
+    s.add_argument("--engine")
+    s.add_argument("--num-prompts", type=int, default=16)
+    s.add_argument("--output-len", type=int, default=32)
+    s.add_argument("--out", default="results")
+    s.set_defaults(handler=_suite)
+    args = p.parse_args(argv)
+    if not hasattr(args, "handler"):
+        p.print_help()
+        return 2
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

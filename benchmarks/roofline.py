@@ -1,0 +1,84 @@
+"""Batch-1 decode is memory-bound: each generated token reads every weight once. Bytes per decode
+step from the model's shapes and quantization (or a checkpoint's actual tensors) give an upper
+bound on tokens/s for a GPU's memory bandwidth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Peak HBM/GDDR bandwidth, GB/s (vendor datasheets).
+GPU_BANDWIDTH_GBS = {"h100": 3350, "h200": 4800, "a100": 2039, "a100-40gb": 1555, "l40s": 864, "l4": 300,
+                     "a10": 600, "b200": 8000}
+
+
+def bytes_from_shapes(arch: dict, group_size: int, weight_bits: int = 4, scale_bytes: int = 2,
+                      head_bytes: int = 2) -> dict[str, int]:
+    """Weights read per decode step: int4 linears + their per-group scales + the fp16 lm_head.
+    (Embedding lookups read one row; norms are negligible.)"""
+    h, L = arch["hidden_size"], arch["num_hidden_layers"]
+    hd = arch.get("head_dim") or h // arch["num_attention_heads"]
+    q, kv, inter = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd, arch["intermediate_size"]
+    linear = [(q + 2 * kv, h), (h, q), (inter, h), (inter, h), (h, inter)]  # (out, in)
+    params = L * sum(o * i for o, i in linear)
+    return {
+        "quantized_weights": params * weight_bits // 8,
+        "scales": L * sum(o * (i // group_size) for o, i in linear) * scale_bytes,
+        "lm_head": arch["vocab_size"] * h * head_bytes,
+    }
+
+
+def bytes_from_checkpoint(ckpt: Path) -> dict[str, int]:
+    """The same, read off a TRT-LLM checkpoint's tensors (scales counted at fp16, as trtllm-build
+    stores them for the W4A16 GEMM)."""
+    from safetensors import safe_open
+
+    out = {"quantized_weights": 0, "scales": 0, "lm_head": 0}
+    with safe_open(Path(ckpt) / "rank0.safetensors", "np") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            n = 1
+            for d in shape:
+                n *= d
+            if name.endswith(".weight") and ".layers." in name and "layernorm" not in name:
+                out["quantized_weights"] += n  # int8 storage holds two int4 codes
+            elif name.endswith("weights_scaling_factor"):
+                out["scales"] += n * 2
+            elif name == "lm_head.weight":
+                out["lm_head"] += n * 2
+    return out
+
+
+def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1) -> dict:
+    gpu = gpu.lower()
+    if gpu not in GPU_BANDWIDTH_GBS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sorted(GPU_BANDWIDTH_GBS))}")
+    total = sum(bytes_per_step.values())
+    steps_per_s = GPU_BANDWIDTH_GBS[gpu] * 1e9 / total
+    return {"gpu": gpu, "bandwidth_gbs": GPU_BANDWIDTH_GBS[gpu], "bytes_per_step": total,
+            "gb_per_step": total / 1e9, "breakdown_bytes": bytes_per_step, "batch": batch,
+            "max_tokens_per_s": steps_per_s * batch, "min_tpot_ms": 1000 / steps_per_s}
+
+
+def preset_bytes(preset_name: str) -> dict[str, int]:
+    from build_engine import presets  # noqa: PLC0415 (build extra; roofline of a preset needs its shapes)
+
+    p = presets.load(preset_name)
+    return bytes_from_shapes(p.architecture, p.group_size)
+
+
+def format_roofline(r: dict, measured: dict | None = None) -> str:
+    lines = [f"{r['gpu'].upper()} ({r['bandwidth_gbs']} GB/s): {r['gb_per_step']:.2f} GB per decode step "
+             f"-> at most {r['max_tokens_per_s']:.0f} tok/s at batch {r['batch']} "
+             f"(TPOT >= {r['min_tpot_ms']:.2f} ms)"]
+    for k, v in r["breakdown_bytes"].items():
+        lines.append(f"  {k:<18} {v / 1e9:8.3f} GB")
+    if measured:
+        tpot = measured.get("median_tpot_ms")
+        if tpot:
+            lines.append(f"  measured median TPOT {tpot:.2f} ms = {100 * r['min_tpot_ms'] / tpot:.0f}% of the roofline")
+    return "\n".join(lines)
+
+
+def load_result(path: Path) -> dict:
+    return json.loads(Path(path).read_text())["metrics"]

@@ -1,0 +1,95 @@
+"""Benchmark metrics with a scripted clock and a fake transport; the roofline from shapes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from benchmarks import roofline
+from benchmarks.metrics import RequestOutput, calculate_metrics
+from benchmarks.runner import one_request
+from client import Chunk
+
+
+class FakeClient:
+    """Streams scripted chunks; the scripted clock advances by fixed gaps between them."""
+
+    def __init__(self, chunks, fail=False):
+        self.chunks, self.fail = chunks, fail
+
+    async def stream(self, messages, **params):
+        for c in self.chunks:
+            yield c
+        if self.fail:
+            raise RuntimeError("connection reset")
+
+
+def scripted_clock(times):
+    it = iter(times)
+    return lambda: next(it)
+
+
+def test_request_timing_invariants_with_a_scripted_clock():
+    chunks = [Chunk("a"), Chunk(" b"), Chunk(" c"), Chunk("", "length", 7, 3)]
+    clock = scripted_clock([10.0, 10.5, 10.6, 10.8, 10.8])  # send, then one reading per chunk
+    out = asyncio.run(one_request(FakeClient(chunks), "p", 3, clock))
+    assert out.success and out.ttft_s == pytest.approx(0.5)
+    assert out.itl_s == pytest.approx([0.1, 0.2])
+    assert out.latency_s - out.ttft_s == pytest.approx(sum(out.itl_s))  # latency - TTFT = sum(ITL)
+    assert out.output_tokens == 3 and out.prompt_tokens == 7
+    assert out.tpot_s == pytest.approx((0.8 - 0.5) / 2)
+
+
+def test_a_failed_request_is_counted_not_raised():
+    out = asyncio.run(one_request(FakeClient([Chunk("a")], fail=True), "p", 3, scripted_clock([0.0, 0.1])))
+    assert not out.success and "connection reset" in out.error
+    m = calculate_metrics([out, RequestOutput(True, 0.1, [0.05], 0.2, 5, 3)], duration_s=2.0)
+    assert m["completed"] == 1 and m["failed"] == 1
+
+
+def test_metrics_percentiles_throughput_and_goodput():
+    outs = [RequestOutput(True, ttft_s=0.1 * (i + 1), itl_s=[0.01] * 9, latency_s=0.1 * (i + 1) + 0.09,
+                          prompt_tokens=10, output_tokens=10) for i in range(10)]
+    m = calculate_metrics(outs, duration_s=5.0, slo_ms={"ttft": 500, "tpot": 20})
+    assert m["total_output_tokens"] == 100 and m["output_throughput"] == 20.0 and m["request_throughput"] == 2.0
+    assert m["median_ttft_ms"] == pytest.approx(550) and m["p99_ttft_ms"] == pytest.approx(991)
+    assert m["mean_tpot_ms"] == pytest.approx(10) and m["median_itl_ms"] == pytest.approx(10)
+    assert m["goodput"] == pytest.approx(5 / 5.0)  # TTFT <= 500 ms: the first five
+
+
+def test_empty_series_are_missing_not_zero():
+    m = calculate_metrics([RequestOutput(False, error="x")], duration_s=1.0)
+    assert m["median_ttft_ms"] is None and m["p99_itl_ms"] is None and m["mean_tpot_ms"] is None
+    assert m["completed"] == 0 and m["output_throughput"] == 0.0
+
+
+def test_roofline_for_the_hermes_preset_from_its_shapes():
+    r = roofline.roofline(roofline.preset_bytes("nous-hermes-2-mistral-7b-dpo"), "h100")
+    assert r["gb_per_step"] == pytest.approx(3.86, abs=0.01)
+    assert r["max_tokens_per_s"] == pytest.approx(868, abs=2)
+    assert roofline.roofline(roofline.preset_bytes("nous-hermes-2-mistral-7b-dpo"), "h200")["max_tokens_per_s"] == \
+        pytest.approx(1243, abs=3)
+
+
+def test_roofline_from_a_checkpoint_reads_its_tensors(tiny_ckpt):
+    from build_engine import presets
+
+    p = presets.load("tiny-hermes")
+    from_tensors = roofline.bytes_from_checkpoint(tiny_ckpt)
+    from_shapes = roofline.bytes_from_shapes({**p.architecture, "vocab_size": 32064}, p.group_size)
+    assert from_tensors == from_shapes
+
+
+def test_sweep_against_the_real_server_writes_json_csv_and_plot(smol_server, tmp_path):
+    from benchmarks.__main__ import main
+
+    assert main(["serve", "--url", smol_server.grpc_url, "--concurrency", "1,2", "--num-prompts", "4",
+                 "--output-len", "8", "--out", str(tmp_path)]) == 0
+    import json
+
+    r = json.loads((tmp_path / "serve_c2.json").read_text())
+    assert r["metrics"]["completed"] == 4 and r["metrics"]["failed"] == 0
+    assert all(q["output_tokens"] == 8 for q in r["requests"])  # fixed output length via min_tokens
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 3
+    assert (tmp_path / "latency_vs_concurrency.png").stat().st_size > 1000
