@@ -13,18 +13,18 @@ KEYS = ("completed", "failed", "request_throughput", "output_throughput", "media
         "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
 
 
-def write_results(results: list[dict], out: Path) -> None:
+def write_results(results: list[dict], out: Path, prefix: str = "serve") -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
     for r in results:
         c = r["config"]["concurrency"]
-        (out / f"serve_c{c}.json").write_text(json.dumps({**r, "environment": env}, indent=2))
-    with open(out / "summary.csv", "w", newline="") as f:
+        (out / f"{prefix}_c{c}.json").write_text(json.dumps({**r, "environment": env}, indent=2))
+    with open(out / f"{prefix}_summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["concurrency", *KEYS])
         for r in results:
             w.writerow([r["config"]["concurrency"], *[r["metrics"].get(k) for k in KEYS]])
-    plot(results, out / "latency_vs_concurrency.png")
+    plot(results, out / f"{prefix}_latency_vs_concurrency.png")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -80,17 +80,66 @@ def _roofline(args) -> int:
     return 0
 
 
+def _engine(args) -> int:
+    from benchmarks import engine
+    from benchmarks.runner import RunConfig
+
+    base = RunConfig("engine", num_prompts=args.num_prompts, input_words=args.input_words, output_len=args.output_len)
+    results = engine.run_sweep(Path(args.engine), base, [int(c) for c in args.concurrency.split(",")])
+    write_results(results, Path(args.out), prefix="engine")
+    print(summary(results))
+    return 0
+
+
+def overhead(served: list[dict], engine_only: list[dict]) -> dict:
+    """Serving overhead at each concurrency: served minus engine-only, per token and per request."""
+    out = {}
+    for s, e in zip(served, engine_only):
+        sm, em = s["metrics"], e["metrics"]
+        diff = lambda k: None if sm.get(k) is None or em.get(k) is None else sm[k] - em[k]  # noqa: E731
+        out[s["config"]["concurrency"]] = {"median_itl_ms": diff("median_itl_ms"),
+                                           "median_ttft_ms": diff("median_ttft_ms"),
+                                           "median_e2el_ms": diff("median_e2el_ms")}
+    return out
+
+
 def _suite(args) -> int:
-    """make bench: serve the CPU demo repository and sweep concurrency 1, 4, 8."""
+    """make bench: the CPU demo deployment served by Triton, and its engine alone, at concurrency 1, 4, 8."""
+    from benchmarks import engine
     from benchmarks.runner import RunConfig, run_sweep
+    from build_engine import manifest
     from model_repo.server import TritonServer
 
-    with TritonServer(Path(args.repo)) as server:
-        base = RunConfig(server.grpc_url, num_prompts=args.num_prompts, output_len=args.output_len)
-        results = run_sweep(base, [1, 4, 8])
-    write_results(results, Path(args.out))
-    print(summary(results))
-    print(f"results in {args.out}/ (JSON per run, summary.csv, latency_vs_concurrency.png)")
+    repo, out = Path(args.repo), Path(args.out)
+    engine_dir = Path(args.engine or manifest.read(repo, "triton-repository")["engine"]["path"])
+    concurrencies = [1, 4, 8]
+    with TritonServer(repo) as server:
+        served = run_sweep(RunConfig(server.grpc_url, num_prompts=args.num_prompts, output_len=args.output_len),
+                           concurrencies)
+    alone = engine.run_sweep(engine_dir, RunConfig("engine", num_prompts=args.num_prompts,
+                                                   output_len=args.output_len), concurrencies)
+    write_results(served, out)
+    write_results(alone, out, prefix="engine")
+    ov = overhead(served, alone)
+    (out / "overhead.json").write_text(json.dumps(ov, indent=2))
+    print("served (Triton, gRPC streaming, tensorrt_llm_bls):")
+    print(summary(served))
+    print("engine alone (no server):")
+    print(summary(alone))
+    print("serving overhead (served - engine), ms:")
+    for c, v in ov.items():
+        print(f"  c={c}: per token (median ITL) {v['median_itl_ms']:+.3f}, per request (median TTFT) "
+              f"{v['median_ttft_ms']:+.2f}, E2E {v['median_e2el_ms']:+.2f}")
+    print(f"results in {out}/ (JSON per run, summary CSVs, plots, overhead.json)")
+    return 0
+
+
+def _cpu_engine(args) -> int:
+    from benchmarks import cpu_engine
+
+    result = cpu_engine.run(Path(args.checkpoint), Path(args.out), args.prompt_tokens, args.new_tokens, args.repeats)
+    print(cpu_engine.table(result))
+    print(f"results in {args.out}/cpu_engine.json")
     return 0
 
 
@@ -117,6 +166,14 @@ def main(argv=None) -> int:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--result", help="a serve_c1.json to compare against")
     s.set_defaults(handler=_roofline)
+    s = sub.add_parser("engine", help="the same workload on the CPU engine alone (no server)")
+    s.add_argument("--engine", required=True)
+    s.add_argument("--concurrency", default="1,4,8")
+    s.add_argument("--num-prompts", type=int, default=16)
+    s.add_argument("--input-words", type=int, default=32)
+    s.add_argument("--output-len", type=int, default=64)
+    s.add_argument("--out", default="results")
+    s.set_defaults(handler=_engine)
     s = sub.add_parser("suite", help="make bench: CPU demo deployment, concurrency 1/4/8")
     s.add_argument("--repo", required=True)
     s.add_argument("--engine")
@@ -124,6 +181,13 @@ def main(argv=None) -> int:
     s.add_argument("--output-len", type=int, default=32)
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)
+    s = sub.add_parser("cpu-engine", help="CPU engine batch-1 prefill/decode vs onnxruntime-genai's own builder")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prompt-tokens", type=int, default=40)
+    s.add_argument("--new-tokens", type=int, default=128)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--out", default="results")
+    s.set_defaults(handler=_cpu_engine)
     args = p.parse_args(argv)
     if not hasattr(args, "handler"):
         p.print_help()

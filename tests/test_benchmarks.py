@@ -91,5 +91,14 @@ def test_sweep_against_the_real_server_writes_json_csv_and_plot(smol_server, tmp
     r = json.loads((tmp_path / "serve_c2.json").read_text())
     assert r["metrics"]["completed"] == 4 and r["metrics"]["failed"] == 0
     assert all(q["output_tokens"] == 8 for q in r["requests"])  # fixed output length via min_tokens
-    assert (tmp_path / "summary.csv").read_text().count("\n") == 3
-    assert (tmp_path / "latency_vs_concurrency.png").stat().st_size > 1000
+    assert (tmp_path / "serve_summary.csv").read_text().count("\n") == 3
+    assert (tmp_path / "serve_latency_vs_concurrency.png").stat().st_size > 1000
+
+
+def test_engine_only_run_uses_the_same_metrics(smol_engine_fp32):
+    from benchmarks import engine
+    from benchmarks.runner import RunConfig
+
+    (r,) = engine.run_sweep(smol_engine_fp32, RunConfig("engine", num_prompts=2, output_len=6), [2])
+    assert r["metrics"]["completed"] == 2 and r["metrics"]["total_output_tokens"] == 12
+    assert r["metrics"]["median_itl_ms"] is not None

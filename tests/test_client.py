@@ -169,3 +169,27 @@ def test_client_does_not_import_torch_or_transformers():
     code = "import sys, client; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_chat_repl_streams_and_survives_ctrl_c_mid_answer(smol_server):
+    """The interactive chat in a real pseudo-terminal: Ctrl-C cancels the answer, not the program."""
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "client", "chat", "--url", smol_server.grpc_url,
+                                           "--max-tokens", "600"], encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact("you> ")
+        child.sendline("Tell me a very long story about a dragon and a knight.")
+        child.expect_exact("model> ")
+        child.expect(r"\w+ \w+ \w+")  # tokens are streaming
+        child.sendintr()
+        child.expect_exact("[cancelled]")
+        child.expect_exact("you> ")
+        child.sendline("What is the capital of France?")
+        child.expect_exact("Paris")
+        child.expect_exact("you> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

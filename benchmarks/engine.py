@@ -1,0 +1,62 @@
+"""The same workload on the CPU engine alone (no server, no gRPC), so that serving overhead =
+served - engine-only is reported per token (ITL) and per request (TTFT)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.metrics import RequestOutput, calculate_metrics
+from benchmarks.runner import RunConfig, synthetic_prompts
+from client import Message, format_chatml
+
+
+def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter) -> RequestOutput:
+    from build_engine.runtime import Sampling
+
+    out = RequestOutput(prompt_tokens=len(ids))
+    t0 = last = clock()
+    try:
+        for step in engine.submit(ids, Sampling(max_tokens=output_len, min_tokens=output_len)):
+            now = clock()
+            if step.token_id is not None:
+                out.output_tokens += 1
+            if step.text:
+                if out.ttft_s is None:
+                    out.ttft_s = now - t0
+                else:
+                    out.itl_s.append(now - last)
+                last = now
+            if step.error:
+                raise RuntimeError(step.error)
+        out.latency_s = last - t0
+        out.success = out.ttft_s is not None
+    except Exception as e:
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> list[dict]:
+    from build_engine.runtime import CpuEngine
+
+    engine = CpuEngine(engine_dir)
+    tok = engine.tokenizer
+    prompts = [tok(format_chatml([Message("user", p)]))["input_ids"]
+               for p in synthetic_prompts(base.num_prompts, base.input_words, base.seed)]
+    results = []
+    try:
+        for ids in prompts[: base.warmup]:
+            one_request(engine, ids, base.output_len)
+        for c in concurrencies:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(c) as pool:
+                outputs = list(pool.map(lambda ids: one_request(engine, ids, base.output_len), prompts))
+            duration = time.perf_counter() - t0
+            cfg = {**asdict(base), "concurrency": c, "url": f"engine:{engine_dir}"}
+            results.append({"config": cfg, "metrics": calculate_metrics(outputs, duration),
+                            "requests": [asdict(o) for o in outputs]})
+    finally:
+        engine.close()
+    return results
