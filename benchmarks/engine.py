@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.metrics import RequestOutput, calculate_metrics
+from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
 from benchmarks.runner import RunConfig, synthetic_prompts
 from client import Message, format_chatml
 
@@ -17,22 +17,15 @@ def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter
     from build_engine.runtime import Sampling
 
     out = RequestOutput(prompt_tokens=len(ids))
-    t0 = last = clock()
+    timer = ChunkTimer(out, clock())
     try:
         for step in engine.submit(ids, Sampling(max_tokens=output_len, min_tokens=output_len)):
-            now = clock()
+            timer.observe(clock(), bool(step.text))
             if step.token_id is not None:
                 out.output_tokens += 1
-            if step.text:
-                if out.ttft_s is None:
-                    out.ttft_s = now - t0
-                else:
-                    out.itl_s.append(now - last)
-                last = now
             if step.error:
                 raise RuntimeError(step.error)
-        out.latency_s = last - t0
-        out.success = out.ttft_s is not None
+        timer.finish()
     except Exception as e:
         out.error = f"{type(e).__name__}: {e}"
     return out

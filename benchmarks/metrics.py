@@ -32,6 +32,28 @@ class RequestOutput:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
+class ChunkTimer:
+    """Turns chunk arrival times into TTFT, ITL and E2E for one request (every transport uses it)."""
+
+    def __init__(self, out: RequestOutput, t0: float):
+        self.out, self.t0, self.last = out, t0, t0
+
+    def observe(self, now: float, has_text: bool) -> None:
+        if not has_text:
+            return
+        if self.out.ttft_s is None:
+            self.out.ttft_s = now - self.t0
+        else:
+            self.out.itl_s.append(now - self.last)
+        self.last = now
+
+    def finish(self) -> None:
+        self.out.latency_s = self.last - self.t0
+        self.out.success = self.out.ttft_s is not None
+        if not self.out.success and self.out.error is None:
+            self.out.error = "no output"
+
+
 def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
     if not values_s:
         return {f"mean_{name}_ms": None, f"std_{name}_ms": None,

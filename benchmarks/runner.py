@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-from benchmarks.metrics import RequestOutput, calculate_metrics
+from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
 from client import AsyncClient, Message
 
 
@@ -34,24 +34,15 @@ def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
 
 async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
     out = RequestOutput()
-    t0 = last = clock()
+    timer = ChunkTimer(out, clock())
     try:
         async for chunk in client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len):
-            now = clock()
-            if chunk.text:
-                if out.ttft_s is None:
-                    out.ttft_s = now - t0
-                else:
-                    out.itl_s.append(now - last)
-                last = now
+            timer.observe(clock(), bool(chunk.text))
             if chunk.completion_tokens is not None:
                 out.output_tokens = chunk.completion_tokens
             if chunk.prompt_tokens is not None:
                 out.prompt_tokens = chunk.prompt_tokens
-        out.latency_s = last - t0
-        out.success = out.ttft_s is not None
-        if not out.success:
-            out.error = "no output"
+        timer.finish()
     except Exception as e:  # counted, never lost
         out.error = f"{type(e).__name__}: {e}"
     return out

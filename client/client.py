@@ -99,18 +99,35 @@ def _chunk(text, finish, prompt_tokens, completion_tokens, final) -> Chunk:
                  completion_tokens=None if completion_tokens is None else int(completion_tokens))
 
 
-def _collect(chunks: Iterator[Chunk], t0: float) -> Completion:
-    out, ttft = [], None
-    for c in chunks:
-        if ttft is None and c.text:
-            ttft = time.perf_counter() - t0
-        out.append(c)
-    last = out[-1] if out else Chunk("")
-    return Completion("".join(c.text for c in out), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens, ttft, time.perf_counter() - t0, out)
+class _Collector:
+    """Accumulates a stream's chunks into a Completion (shared by Client and AsyncClient)."""
+
+    def __init__(self):
+        self.t0, self.ttft, self.chunks = time.perf_counter(), None, []
+
+    def add(self, c: Chunk) -> None:
+        if self.ttft is None and c.text:
+            self.ttft = time.perf_counter() - self.t0
+        self.chunks.append(c)
+
+    def result(self) -> Completion:
+        last = self.chunks[-1] if self.chunks else Chunk("")
+        return Completion("".join(c.text for c in self.chunks), last.finish_reason, last.prompt_tokens,
+                          last.completion_tokens, self.ttft, time.perf_counter() - self.t0, self.chunks)
 
 
-class Stream:
+class _ClosesOnExit:
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Stream(_ClosesOnExit):
     """Iterator of Chunks for one request. Closing it early (close(), `with`, or break) cancels the
     request on the server."""
 
@@ -148,14 +165,8 @@ class Stream:
             self._g.stop_stream(cancel_requests=True)
             self._client._release(self._g)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Client:
+class Client(_ClosesOnExit):
     """Synchronous client. Streams run on pooled gRPC connections (tritonclient allows one stream
     per connection), so a service can hold several streams at once without a connection per call."""
 
@@ -213,8 +224,10 @@ class Client:
         raise UnavailableError("unreachable")
 
     def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
-        t0 = time.perf_counter()
-        return _collect(iter(self.stream(messages, params, **overrides)), t0)
+        acc = _Collector()
+        for c in self.stream(messages, params, **overrides):
+            acc.add(c)
+        return acc.result()
 
     def ready(self) -> bool:
         g = self._acquire()
@@ -231,14 +244,8 @@ class Client:
                 g.close()
             self._pool.clear()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class _Prefixed:
+class _Prefixed(_ClosesOnExit):
     """An iterator that yields an already-read first chunk, then the rest; closable."""
 
     def __init__(self, first, rest, stream):
@@ -253,12 +260,6 @@ class _Prefixed:
 
     def close(self):
         self._stream.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class AsyncClient:
@@ -310,15 +311,10 @@ class AsyncClient:
                 responses.cancel()
 
     async def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
-        t0 = time.perf_counter()
-        out, ttft = [], None
+        acc = _Collector()
         async for c in self.stream(messages, params, **overrides):
-            if ttft is None and c.text:
-                ttft = time.perf_counter() - t0
-            out.append(c)
-        last = out[-1] if out else Chunk("")
-        return Completion("".join(c.text for c in out), last.finish_reason, last.prompt_tokens,
-                          last.completion_tokens, ttft, time.perf_counter() - t0, out)
+            acc.add(c)
+        return acc.result()
 
     async def close(self) -> None:
         await self._g.close()
