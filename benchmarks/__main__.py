@@ -46,6 +46,16 @@ def plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        reqs = [q for q in r["requests"] if q["success"]]
+        label = f"c={r['config']['concurrency']}"
+        a.hist([1000 * q["ttft_s"] for q in reqs], bins=20, alpha=0.5, label=label)
+        b.hist([1000 * g for q in reqs for g in q["itl_s"]], bins=40, alpha=0.5, label=label)
+    a.set_xlabel("TTFT (ms)"), b.set_xlabel("ITL (ms)"), a.legend(), b.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.name.replace("latency_vs_concurrency", "distributions")), dpi=100)
+    plt.close(fig)
 
 
 def summary(results: list[dict]) -> str:
@@ -63,11 +73,30 @@ def _serve(args) -> int:
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
         if args.goodput else None
-    base = RunConfig(args.url, args.model, args.num_prompts, args.input_words, args.output_len,
-                     request_rate=args.request_rate, warmup=args.warmup)
+    base = RunConfig(args.url, {"bls": "tensorrt_llm_bls"}.get(args.model, args.model), args.protocol,
+                     args.num_prompts, args.input_words, args.output_len, request_rate=args.request_rate,
+                     burstiness=args.burstiness, dataset=args.dataset, warmup=args.warmup)
     results = run_sweep(base, [int(c) for c in args.concurrency.split(",")], slo)
     write_results(results, Path(args.out))
     print(summary(results))
+    return 0
+
+
+def compare(a: dict, b: dict) -> str:
+    """Ratios B / A for every numeric metric both runs report."""
+    rows = []
+    for k, va in a["metrics"].items():
+        vb = b["metrics"].get(k)
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va:
+            rows.append(f"{k:<24} {va:>12.3f} {vb:>12.3f} {vb / va:>8.3f}x")
+        elif va is None or vb is None:
+            rows.append(f"{k:<24} {'missing' if va is None else f'{va:.3f}':>12} "
+                        f"{'missing' if vb is None else f'{vb:.3f}':>12}")
+    return f"{'metric':<24} {'A':>12} {'B':>12} {'B/A':>9}\n" + "\n".join(rows)
+
+
+def _compare(args) -> int:
+    print(compare(json.loads(Path(args.a).read_text()), json.loads(Path(args.b).read_text())))
     return 0
 
 
@@ -148,9 +177,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(title="commands")
     s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming")
     s.add_argument("--url", required=True)
-    s.add_argument("--model", default="tensorrt_llm_bls")
-    s.add_argument("--concurrency", default="1,2,4,8")
-    s.add_argument("--request-rate", type=float, help="Poisson arrivals, requests/s")
+    s.add_argument("--model", default="bls", help="bls (tensorrt_llm_bls) | ensemble")
+    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s.add_argument("--concurrency", default="1,2,4,8", help="comma-separated caps; one run each")
+    s.add_argument("--request-rate", type=float, help="arrivals per second (Poisson, or gamma with --burstiness)")
+    s.add_argument("--burstiness", type=float, default=1.0)
+    s.add_argument("--dataset", help="ShareGPT-format JSON file of conversations")
     s.add_argument("--num-prompts", type=int, default=16)
     s.add_argument("--input-words", type=int, default=32)
     s.add_argument("--output-len", type=int, default=64, help="fixed output length (EOS ignored via min_tokens)")
@@ -158,6 +190,10 @@ def main(argv=None) -> int:
     s.add_argument("--goodput", help="SLOs, e.g. ttft_ms:500,tpot_ms:50")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_serve)
+    s = sub.add_parser("compare", help="ratios between two result JSON files")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.set_defaults(handler=_compare)
     s = sub.add_parser("roofline", help="decode upper bound from bytes read per step")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint")

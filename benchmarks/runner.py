@@ -4,25 +4,44 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
-from client import AsyncClient, Message
+from client import AsyncClient, Client, Message
 
 
 @dataclass(frozen=True)
 class RunConfig:
     url: str
-    model: str = "tensorrt_llm_bls"
+    model: str = "tensorrt_llm_bls"  # or "ensemble"
+    protocol: str = "grpc"  # or "http" (generate_stream, SSE)
     num_prompts: int = 16
     input_words: int = 32
     output_len: int = 64
     concurrency: int = 1
-    request_rate: float | None = None  # requests/s, Poisson; None = all at once (capped by concurrency)
+    request_rate: float | None = None  # requests/s; None = all at once (capped by concurrency)
+    burstiness: float = 1.0  # gamma shape of inter-arrival times; 1 = Poisson
+    dataset: str | None = None  # ShareGPT-format JSON: prompts from each conversation's first human turn
     warmup: int = 1
     seed: int = 0
+
+
+def sharegpt_prompts(path: str, n: int, seed: int) -> list[str]:
+    data = json.loads(Path(path).read_text())
+    prompts = []
+    for item in data:
+        turns = item.get("conversations") or []
+        first = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        if first:
+            prompts.append(first)
+    if not prompts:
+        raise ValueError(f"{path} has no ShareGPT conversations with a human turn")
+    random.Random(seed).shuffle(prompts)
+    return (prompts * (n // len(prompts) + 1))[:n]
 
 
 def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
@@ -32,42 +51,84 @@ def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
             for i in range(n)]
 
 
+def _observe(out: RequestOutput, timer: ChunkTimer, chunk, now: float, n_chunks: int) -> None:
+    timer.observe(now, bool(chunk.text))
+    # The BLS model reports token counts; the ensemble does not: count its (token-sized) chunks.
+    out.output_tokens = chunk.completion_tokens if chunk.completion_tokens is not None else n_chunks
+    if chunk.prompt_tokens is not None:
+        out.prompt_tokens = chunk.prompt_tokens
+
+
 async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
     out = RequestOutput()
     timer = ChunkTimer(out, clock())
     try:
+        n = 0
         async for chunk in client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len):
-            timer.observe(clock(), bool(chunk.text))
-            if chunk.completion_tokens is not None:
-                out.output_tokens = chunk.completion_tokens
-            if chunk.prompt_tokens is not None:
-                out.prompt_tokens = chunk.prompt_tokens
+            n += bool(chunk.text)
+            _observe(out, timer, chunk, clock(), n)
         timer.finish()
     except Exception as e:  # counted, never lost
         out.error = f"{type(e).__name__}: {e}"
     return out
 
 
+def one_request_sync(client: Client, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
+    """The same over the blocking client (the HTTP transport)."""
+    out = RequestOutput()
+    timer = ChunkTimer(out, clock())
+    try:
+        n = 0
+        for chunk in client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len):
+            n += bool(chunk.text)
+            _observe(out, timer, chunk, clock(), n)
+        timer.finish()
+    except Exception as e:
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _gaps(cfg: RunConfig, rng: random.Random):
+    """Inter-arrival times: gamma(shape=burstiness, mean=1/rate); burstiness 1 is a Poisson process."""
+    while True:
+        yield rng.gammavariate(cfg.burstiness, 1.0 / (cfg.request_rate * cfg.burstiness)) if cfg.request_rate else 0.0
+
+
+def prompts_for(cfg: RunConfig) -> list[str]:
+    if cfg.dataset:
+        return sharegpt_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
+    return synthetic_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
+
+
 async def run(cfg: RunConfig) -> tuple[list[RequestOutput], float]:
-    prompts = synthetic_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
-    rng = random.Random(cfg.seed)
-    async with AsyncClient(cfg.url, model=cfg.model) as client:
+    prompts = prompts_for(cfg)
+    gaps = _gaps(cfg, random.Random(cfg.seed))
+    sem = asyncio.Semaphore(cfg.concurrency)
+    if cfg.protocol == "http":
+        sync = Client(cfg.url, model=cfg.model, protocol="http")
+        call = lambda p: asyncio.to_thread(one_request_sync, sync, p, cfg.output_len)  # noqa: E731
+        client = None
+    else:
+        client = AsyncClient(cfg.url, model=cfg.model)
+        call = lambda p: one_request(client, p, cfg.output_len)  # noqa: E731
+    try:
         for p in prompts[: cfg.warmup]:
-            await one_request(client, p, cfg.output_len)
-        sem = asyncio.Semaphore(cfg.concurrency)
+            await call(p)
 
         async def limited(p):
             async with sem:
-                return await one_request(client, p, cfg.output_len)
+                return await call(p)
 
         t0 = time.perf_counter()
         tasks = []
         for p in prompts:
             tasks.append(asyncio.create_task(limited(p)))
-            if cfg.request_rate:
-                await asyncio.sleep(rng.expovariate(cfg.request_rate))
+            await asyncio.sleep(next(gaps))
         outputs = await asyncio.gather(*tasks)
         return list(outputs), time.perf_counter() - t0
+    finally:
+        if client is not None:
+            await client.close()
 
 
 def run_sweep(base: RunConfig, concurrencies: list[int], slo_ms: dict | None = None) -> list[dict]:

@@ -39,7 +39,7 @@ def _serve(args) -> int:
     repo = Path(args.repo).resolve()
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
-        image = presets.load("nous-hermes-2-mistral-7b-dpo").triton_image
+        image = presets.load(m.get("preset") or "nous-hermes-2-mistral-7b-dpo").triton_image
         cmd = docker_command(repo, image, args)
         print(shlex.join(cmd))
         if args.dry_run:

@@ -138,7 +138,7 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                 shutil.copyfile(MODELS_DIR / src, d / "1" / "model.py")
         manifest.write(tmp, "triton-repository", engine={"path": str(engine_dir), "kind": m["kind"],
                                                           "files": m["files"]},
-                       target=target, settings={"max_batch_size": mbs, "instances": instances},
+                       target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances},
                        model=m["model"], limits=m["limits"])
         manifest.publish(tmp, output)
     finally:

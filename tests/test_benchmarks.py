@@ -93,6 +93,7 @@ def test_sweep_against_the_real_server_writes_json_csv_and_plot(smol_server, tmp
     assert all(q["output_tokens"] == 8 for q in r["requests"])  # fixed output length via min_tokens
     assert (tmp_path / "serve_summary.csv").read_text().count("\n") == 3
     assert (tmp_path / "serve_latency_vs_concurrency.png").stat().st_size > 1000
+    assert (tmp_path / "serve_distributions.png").stat().st_size > 1000
 
 
 def test_engine_only_run_uses_the_same_metrics(smol_engine_fp32):
@@ -102,3 +103,34 @@ def test_engine_only_run_uses_the_same_metrics(smol_engine_fp32):
     (r,) = engine.run_sweep(smol_engine_fp32, RunConfig("engine", num_prompts=2, output_len=6), [2])
     assert r["metrics"]["completed"] == 2 and r["metrics"]["total_output_tokens"] == 12
     assert r["metrics"]["median_itl_ms"] is not None
+
+
+def test_compare_prints_ratios_and_missing_values():
+    from benchmarks.__main__ import compare
+
+    text = compare({"metrics": {"median_ttft_ms": 10.0, "p99_itl_ms": None}},
+                   {"metrics": {"median_ttft_ms": 15.0, "p99_itl_ms": 2.0}})
+    assert "1.500x" in text and "missing" in text
+
+
+def test_sharegpt_prompts_take_the_first_human_turn(tmp_path):
+    import json
+
+    from benchmarks.runner import sharegpt_prompts
+
+    f = tmp_path / "sg.json"
+    f.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A"}]},
+                             {"conversations": [{"from": "gpt", "value": "x"}]}]))
+    assert sharegpt_prompts(str(f), 3, 0) == ["Q1", "Q1", "Q1"]
+
+
+def test_http_and_ensemble_runs_complete(smol_server, tmp_path):
+    import asyncio
+
+    from benchmarks.runner import RunConfig, run
+
+    for cfg in (RunConfig(smol_server.http_url, protocol="http", num_prompts=2, output_len=6, concurrency=2),
+                RunConfig(smol_server.grpc_url, model="ensemble", num_prompts=2, output_len=6, request_rate=50.0)):
+        outputs, duration = asyncio.run(run(cfg))
+        assert all(o.success for o in outputs), [o.error for o in outputs]
+        assert all(o.output_tokens >= 1 and len(o.itl_s) >= 1 for o in outputs)

@@ -178,3 +178,70 @@ def test_generated_configs_parse_as_model_config(smol_server):
     assert llm.model_transaction_policy.decoupled
     assert {i.name for i in llm.input} >= {"input_ids", "input_lengths", "request_output_len", "end_id",
                                            "streaming", "stop_words_list", "runtime_top_k", "seed"}
+
+
+def test_metrics_endpoint_reports_inference_counts(smol_server):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{smol_server.ports.metrics}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert 'nv_inference_request_success{model="tensorrt_llm_bls"' in body
+
+
+def test_server_binds_loopback_and_leaves_no_shared_memory_behind(tiny_engine, tmp_path):
+    from pathlib import Path
+
+    from model_repo.generate import generate
+    from model_repo.server import TritonServer
+
+    shm = lambda: {p.name for p in Path("/dev/shm").glob("*")}  # noqa: E731
+    before = shm()
+    server = TritonServer(generate(tiny_engine, tmp_path / "repo"))
+    assert server.host == "127.0.0.1" and "--grpc-address" in server.command(Path("/b"))
+    server.start()
+    assert server.ready()
+    assert server.stop() == 0
+    assert shm() - before == set()
+
+
+def gpu_engine_dir(tmp_path, tiny_ckpt):
+    """A GPU engine's folder as trtllm-build + build_engine leave it (its manifest and tokenizer);
+    the engine itself cannot exist here, the repository only names its path."""
+    import shutil
+
+    from build_engine import manifest, presets
+
+    eng = tmp_path / "engine-gpu"
+    shutil.copytree(tiny_ckpt / "tokenizer", eng / "tokenizer")
+    hermes = presets.load("nous-hermes-2-mistral-7b-dpo")
+    manifest.write(eng, "trtllm-engine", preset=hermes.name, model=manifest.read(tiny_ckpt)["model"],
+                   limits=vars(hermes.engine),
+                   runtime={"max_attention_window_size": hermes.max_attention_window,
+                            "kv_cache_free_gpu_mem_fraction": hermes.engine.kv_cache_free_gpu_mem_fraction})
+    return eng
+
+
+def test_gpu_repository_uses_the_tensorrtllm_backend_with_inflight_batching(tmp_path, tiny_ckpt):
+    from model_repo.config import parse
+    from model_repo.generate import generate
+
+    repo = generate(gpu_engine_dir(tmp_path, tiny_ckpt), tmp_path / "repo")
+    cfg = parse((repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert cfg.backend == "tensorrtllm" and cfg.model_transaction_policy.decoupled
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["max_attention_window_size"] == "4096"
+    assert params["kv_cache_free_gpu_mem_fraction"] == "0.9"
+    assert params["gpt_model_path"] == str((tmp_path / "engine-gpu").resolve())
+    assert not (repo / "tensorrt_llm" / "1" / "model.py").exists()
+
+
+def test_gpu_serve_prints_the_container_command_bound_to_loopback(tmp_path, tiny_ckpt, capsys):
+    from model_repo.__main__ import main
+    from model_repo.generate import generate
+
+    repo = generate(gpu_engine_dir(tmp_path, tiny_ckpt), tmp_path / "repo")
+    assert main(["serve", "--repo", str(repo), "--dry-run"]) == 0
+    cmd = capsys.readouterr().out
+    assert cmd.startswith("docker run") and "--gpus all" in cmd and "trtllm-python-py3" in cmd
+    assert "-p 127.0.0.1:8001:8001" in cmd and f"--model-repository={repo.resolve()}" in cmd
