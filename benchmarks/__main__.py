@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-KEYS = ("completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+KEYS = ("completed", "failed", "total_input_tokens", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
         "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
 
 
@@ -37,7 +37,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
         a.plot(cs, [r["metrics"][key] for r in results], marker="o", label=key)
-    a.set_xlabel("concurrency"), a.set_ylabel("ms"), a.set_xscale("log", base=2), a.legend()
+    a.set_xlabel("concurrency"), a.set_ylabel("ms (log)"), a.set_xscale("log", base=2), a.set_yscale("log")
+    a.legend()
     b.plot([r["metrics"]["median_ttft_ms"] for r in results], [r["metrics"]["output_throughput"] for r in results],
            marker="o")
     for c, r in zip(cs, results):
@@ -75,7 +76,8 @@ def _serve(args) -> int:
         if args.goodput else None
     base = RunConfig(args.url, {"bls": "tensorrt_llm_bls"}.get(args.model, args.model), args.protocol,
                      args.num_prompts, args.input_words, args.output_len, request_rate=args.request_rate,
-                     burstiness=args.burstiness, dataset=args.dataset, warmup=args.warmup)
+                     burstiness=args.burstiness, dataset=args.dataset, input_len=args.input_len,
+                     tokenizer=args.tokenizer, warmup=args.warmup)
     results = run_sweep(base, [int(c) for c in args.concurrency.split(",")], slo)
     write_results(results, Path(args.out))
     print(summary(results))
@@ -142,11 +144,11 @@ def _suite(args) -> int:
     repo, out = Path(args.repo), Path(args.out)
     engine_dir = Path(args.engine or manifest.read(repo, "triton-repository")["engine"]["path"])
     concurrencies = [1, 4, 8]
+    workload = dict(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len,
+                    tokenizer=str(repo / "preprocessing" / "tokenizer"))
     with TritonServer(repo) as server:
-        served = run_sweep(RunConfig(server.grpc_url, num_prompts=args.num_prompts, output_len=args.output_len),
-                           concurrencies)
-    alone = engine.run_sweep(engine_dir, RunConfig("engine", num_prompts=args.num_prompts,
-                                                   output_len=args.output_len), concurrencies)
+        served = run_sweep(RunConfig(server.grpc_url, **workload), concurrencies)
+    alone = engine.run_sweep(engine_dir, RunConfig("engine", **workload), concurrencies)
     write_results(served, out)
     write_results(alone, out, prefix="engine")
     ov = overhead(served, alone)
@@ -184,7 +186,9 @@ def main(argv=None) -> int:
     s.add_argument("--burstiness", type=float, default=1.0)
     s.add_argument("--dataset", help="ShareGPT-format JSON file of conversations")
     s.add_argument("--num-prompts", type=int, default=16)
-    s.add_argument("--input-words", type=int, default=32)
+    s.add_argument("--input-words", type=int, default=32, help="synthetic prompt size without a tokenizer")
+    s.add_argument("--input-len", type=int, help="exact prompt tokens (ChatML included); needs --tokenizer")
+    s.add_argument("--tokenizer", help="the served model's tokenizer folder (REPO/preprocessing/tokenizer)")
     s.add_argument("--output-len", type=int, default=64, help="fixed output length (EOS ignored via min_tokens)")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--goodput", help="SLOs, e.g. ttft_ms:500,tpot_ms:50")
@@ -214,7 +218,8 @@ def main(argv=None) -> int:
     s.add_argument("--repo", required=True)
     s.add_argument("--engine")
     s.add_argument("--num-prompts", type=int, default=16)
-    s.add_argument("--output-len", type=int, default=32)
+    s.add_argument("--input-len", type=int, default=64)
+    s.add_argument("--output-len", type=int, default=64)
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)
     s = sub.add_parser("cpu-engine", help="CPU engine batch-1 prefill/decode vs onnxruntime-genai's own builder")

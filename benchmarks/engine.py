@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
-from benchmarks.runner import RunConfig, synthetic_prompts
+from benchmarks.runner import RunConfig, prompts_for
 from client import Message, format_chatml
 
 
@@ -37,7 +37,7 @@ def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> li
     engine = CpuEngine(engine_dir)
     tok = engine.tokenizer
     prompts = [tok(format_chatml([Message("user", p)]))["input_ids"]
-               for p in synthetic_prompts(base.num_prompts, base.input_words, base.seed)]
+               for p in prompts_for(base)]
     results = []
     try:
         for ids in prompts[: base.warmup]:

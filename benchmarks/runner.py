@@ -26,6 +26,8 @@ class RunConfig:
     request_rate: float | None = None  # requests/s; None = all at once (capped by concurrency)
     burstiness: float = 1.0  # gamma shape of inter-arrival times; 1 = Poisson
     dataset: str | None = None  # ShareGPT-format JSON: prompts from each conversation's first human turn
+    input_len: int | None = None  # exact prompt length in tokens (ChatML included); needs tokenizer
+    tokenizer: str | None = None  # the served model's tokenizer folder
     warmup: int = 1
     seed: int = 0
 
@@ -94,9 +96,38 @@ def _gaps(cfg: RunConfig, rng: random.Random):
         yield rng.gammavariate(cfg.burstiness, 1.0 / (cfg.request_rate * cfg.burstiness)) if cfg.request_rate else 0.0
 
 
+def exact_length_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[str]:
+    """User messages whose ChatML prompt (as the server tokenizes it) is exactly `input_len` tokens."""
+    from client import format_chatml
+
+    def length(words):
+        return len(tokenizer(format_chatml([Message("user", " ".join(words))]))["input_ids"])
+
+    rng = random.Random(seed)
+    vocab = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far", "away"]
+    out = []
+    for i in range(n):
+        words = [str(i)]
+        while length(words) < input_len:
+            words.append(rng.choice(vocab))
+        while length(words) > input_len and len(words) > 1:
+            words.pop()
+        if length(words) != input_len:
+            raise ValueError(f"cannot build a prompt of exactly {input_len} tokens (template alone is longer?)")
+        out.append(" ".join(words))
+    return out
+
+
 def prompts_for(cfg: RunConfig) -> list[str]:
     if cfg.dataset:
         return sharegpt_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
+    if cfg.input_len:
+        if not cfg.tokenizer:
+            raise ValueError("--input-len needs --tokenizer (the served model's tokenizer folder)")
+        from transformers import AutoTokenizer  # bench extra
+
+        return exact_length_prompts(AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.num_prompts, cfg.input_len,
+                                    cfg.seed)
     return synthetic_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
 
 

@@ -27,7 +27,7 @@ def _prepare(args) -> int:
 def _quantize(args) -> int:
     from build_engine import quantize
 
-    quantize.run(args.model, Path(args.output), group_size=args.group_size, algorithm=args.algorithm,
+    quantize.run(args.model, Path(args.output), preset=args.preset, group_size=args.group_size, algorithm=args.algorithm,
                  calib_dataset=args.calib_dataset, calib_text=args.calib_text, calib_size=args.calib_size,
                  calib_seq_len=args.calib_seq_len, seed=args.seed)
     return 0
@@ -70,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantize", help="INT4-AWQ calibration and TensorRT-LLM checkpoint export")
     s.add_argument("--model", required=True, help="built-in name, preset source, hub id or local HF folder")
     s.add_argument("--output", required=True)
+    s.add_argument("--preset", help=f"settings to use (default: the model's own); one of {', '.join(presets.names())}")
     s.add_argument("--group-size", type=int, help="AWQ group size, 64 or 128 (default: the preset's)")
     s.add_argument("--algorithm", choices=("awq_lite", "awq_full"))
     g = s.add_mutually_exclusive_group()

@@ -38,9 +38,10 @@ class QuantizeSettings:
             raise UserError(f"unknown AWQ algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
 
 
-def default_settings(model: str, **overrides) -> tuple[QuantizeSettings, presets.Preset | None]:
-    """Settings from the model's preset (if it has one), then the caller's overrides."""
-    preset = presets.for_model(model)
+def default_settings(model: str, preset_name: str | None = None,
+                     **overrides) -> tuple[QuantizeSettings, presets.Preset | None]:
+    """Settings from the named preset (or the model's own, if it has one), then the caller's overrides."""
+    preset = presets.load(preset_name) if preset_name else presets.for_model(model)
     cal = preset.calibration if preset else presets.Calibration()
     base = dict(group_size=preset.group_size if preset else 128, algorithm=cal.algorithm,
                 calib_dataset=cal.dataset, calib_text=None, calib_size=cal.size,
@@ -144,8 +145,8 @@ def model_facts(hf_config, tokenizer) -> dict:
     }
 
 
-def run(model: str, output: Path, progress_log=print, **overrides) -> Path:
-    settings, preset = default_settings(model, **overrides)
+def run(model: str, output: Path, progress_log=print, preset: str | None = None, **overrides) -> Path:
+    settings, preset = default_settings(model, preset, **overrides)
     src = sources.resolve(model)
     t0 = time.perf_counter()
     hf_model, tok = load_model(src.path)

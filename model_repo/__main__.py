@@ -39,22 +39,28 @@ def _serve(args) -> int:
     repo = Path(args.repo).resolve()
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
-        image = presets.load(m.get("preset") or "nous-hermes-2-mistral-7b-dpo").triton_image
-        cmd = docker_command(repo, image, args)
-        print(shlex.join(cmd))
-        if args.dry_run:
-            return 0
         import shutil
         import subprocess
 
-        if shutil.which("docker") is None:
-            raise UserError("serving a GPU engine needs docker and the NVIDIA container toolkit")
+        image = presets.load(m.get("preset") or "nous-hermes-2-mistral-7b-dpo").triton_image
+        if shutil.which("tritonserver") and not args.dry_run:  # already inside the TRT-LLM container
+            cmd = ["tritonserver", f"--model-repository={repo}", f"--http-address={args.host}",
+                   f"--http-port={args.http_port}", f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
+                   f"--metrics-port={args.metrics_port}"]
+        else:
+            cmd = docker_command(repo, image, args)
+        print(shlex.join(cmd), flush=True)
+        if args.dry_run:
+            return 0
+        if cmd[0] == "docker" and shutil.which("docker") is None:
+            raise UserError(f"serving a GPU engine needs tritonserver (inside {image}) or docker with the "
+                            "NVIDIA container toolkit")
         return subprocess.call(cmd)
     server = TritonServer(repo, args.host, Ports(args.http_port, args.grpc_port, args.metrics_port))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start(echo=args.verbose)
+    server.start(echo=not args.quiet)
     print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
           f"metrics http://{args.host}:{args.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
     while not stop.wait(0.5):
@@ -95,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
-    s.add_argument("--verbose", action="store_true", help="forward the server log")
+    s.add_argument("--quiet", action="store_true", help="do not forward the server log")
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
     s.set_defaults(handler=_serve)
 

@@ -134,3 +134,11 @@ def test_http_and_ensemble_runs_complete(smol_server, tmp_path):
         outputs, duration = asyncio.run(run(cfg))
         assert all(o.success for o in outputs), [o.error for o in outputs]
         assert all(o.output_tokens >= 1 and len(o.itl_s) >= 1 for o in outputs)
+
+
+def test_exact_length_prompts_have_exactly_that_many_tokens(hermes_tokenizer):
+    from benchmarks.runner import exact_length_prompts
+    from client import Message, format_chatml
+
+    for p in exact_length_prompts(hermes_tokenizer, 5, 40, seed=0):
+        assert len(hermes_tokenizer(format_chatml([Message("user", p)]))["input_ids"]) == 40

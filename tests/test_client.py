@@ -95,12 +95,19 @@ def test_http_transport_gives_the_same_text(smol_server):
     assert h.complete(QUESTION, max_tokens=32).text == want
 
 
-def test_early_close_cancels_and_the_client_keeps_working(smol_server):
+def test_early_close_cancels_on_the_server_and_the_client_keeps_working(smol_server):
+    import time
+
+    n_before = len(smol_server.log_lines)
     with Client(smol_server.grpc_url) as c:
         with c.stream([Message("user", "Tell me a very long story.")], max_tokens=1000) as s:
             for i, _ in enumerate(s):
                 if i == 2:
                     break
+        deadline = time.time() + 20
+        while not any("request cancelled after" in l for l in smol_server.log_lines[n_before:]):
+            assert time.time() < deadline, "the server never cancelled the request"
+            time.sleep(0.05)
         assert "Paris" in c.complete(QUESTION, max_tokens=32).text
 
 

@@ -178,11 +178,11 @@ def test_unreadable_calibration_file_is_rejected(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_preset_is_rejected():
-    from build_engine import UserError, presets
-
-    with pytest.raises(UserError, match="unknown preset 'nope'; known presets: nous-hermes-2-mistral-7b-dpo"):
-        presets.load("nope")
+def test_unknown_preset_is_rejected(capsys, tmp_path):
+    code, err = _run_cli(capsys, "quantize", "--model", "tiny-hermes", "--output", str(tmp_path / "o"),
+                         "--preset", "nope")
+    assert code == 1 and "unknown preset 'nope'; known presets: nous-hermes-2-mistral-7b-dpo" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_calibration_text_file_is_used(tiny_model, tmp_path):

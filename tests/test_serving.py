@@ -245,3 +245,35 @@ def test_gpu_serve_prints_the_container_command_bound_to_loopback(tmp_path, tiny
     cmd = capsys.readouterr().out
     assert cmd.startswith("docker run") and "--gpus all" in cmd and "trtllm-python-py3" in cmd
     assert "-p 127.0.0.1:8001:8001" in cmd and f"--model-repository={repo.resolve()}" in cmd
+
+
+def test_serve_command_forwards_logs_and_stops_cleanly_on_sigterm(tiny_engine, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from model_repo.generate import generate
+    from model_repo.server import free_port
+    from tests.triton_util import ready as is_ready
+
+    repo = generate(tiny_engine, tmp_path / "repo")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if is_ready(f"http://127.0.0.1:{http}"):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert is_ready(f"http://127.0.0.1:{http}")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, err
+    assert f"gRPC 127.0.0.1:{grpc}" in out
+    assert "successfully loaded 'tensorrt_llm_bls'" in err  # the server's own log, forwarded
