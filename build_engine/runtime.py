@@ -12,7 +12,6 @@ early cancels the request in the engine and frees its slot.
 from __future__ import annotations
 
 import itertools
-import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -338,7 +337,3 @@ class CpuEngine:
                     self._finish(p, reasons.get(ev.finish_reason, "stop"))
         for p in list(self._live.values()):
             self._finish(p, "cancelled", cancel=True)
-
-
-def engine_info(engine_dir: Path) -> dict:
-    return json.loads((Path(engine_dir) / "genai_config.json").read_text())
