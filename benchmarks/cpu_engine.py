@@ -74,7 +74,7 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
         rows[f"hermes-trtllm int4 g{group} accuracy {level}"] = {**measure(eng, ids, new_tokens, repeats),
                                                                  "block_sizes": block_sizes(eng)}
     peer = peer_engine(Path(ck["source"]["path"]), work / "og-builder", group)
-    rows[f"onnxruntime-genai builder int4 (accuracy 4)"] = {**measure(peer, ids, new_tokens, repeats),
+    rows["onnxruntime-genai builder int4 (accuracy 4)"] = {**measure(peer, ids, new_tokens, repeats),
                                                           "block_sizes": block_sizes(peer)}
     result = {"checkpoint": str(checkpoint), "model": ck["source"]["model"], "batch": 1, "results": rows}
     out.mkdir(parents=True, exist_ok=True)

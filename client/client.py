@@ -27,11 +27,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from client.chatml import format_chatml
-from client.errors import CancelledError, ClientError, DeadlineExceededError, UnavailableError, error_from_grpc
+from client.errors import ClientError, UnavailableError, error_from_grpc
 from client.types import Chunk, Completion, Message, SamplingParams
 
 DEFAULT_MODEL = "tensorrt_llm_bls"
-_END = object()
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

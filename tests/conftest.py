@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# Built-in models are materialized into a per-session cache, so tests never see a stale one.
-_CACHE = None
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """Built-in models are materialized into a per-session cache, so tests never see a stale one."""
     d = tmp_path_factory.mktemp("hermes-cache")
     os.environ["HERMES_CACHE"] = str(d)
     os.environ.setdefault("HERMES_QUIET", "1")
