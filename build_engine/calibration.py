@@ -24,8 +24,17 @@ def pydoc_text(held_out: bool = False) -> str:
     return "\n\n".join(topics[k] for k in keys)
 
 
-def load_text(dataset: str | None = None, text_file: str | Path | None = None) -> list[str]:
-    """Documents to calibrate on, from a file (documents separated by blank lines) or a dataset."""
+# Hub ids as the pinned nvidia-modelopt names them (modelopt/torch/utils/dataset_utils.py), with the
+# text field of each record. Only a slice of a split is read, never the whole split.
+HUB_DATASETS = {
+    "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", "train", "article"),
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
+}
+
+
+def load_text(dataset: str | None = None, text_file: str | Path | None = None, samples: int = 32) -> list[str]:
+    """Documents to calibrate on, from a file (documents separated by blank lines) or a dataset.
+    For a hub dataset, `samples` documents are read (a split slice)."""
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
@@ -38,20 +47,18 @@ def load_text(dataset: str | None = None, text_file: str | Path | None = None) -
     dataset = dataset or "pydoc"
     if dataset == "pydoc":
         return [pydoc_text()]
-    if dataset not in DATASETS:
+    if dataset not in HUB_DATASETS:
         raise UserError(f"unknown calibration dataset {dataset!r}; choose one of {', '.join(DATASETS)} or --calib-text")
     try:
         import datasets
     except ImportError:
         raise UserError(f"calibration dataset {dataset} needs `pip install datasets`, or use --calib-text FILE") from None
+    hub_id, config, split, field = HUB_DATASETS[dataset]
     try:
-        if dataset == "cnn_dailymail":
-            ds = datasets.load_dataset("cnn_dailymail", "3.0.0", split="train")
-            return [r["article"] for r in ds.select(range(1024))]
-        ds = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")
-        return [r["text"] for r in ds.select(range(1024))]
+        ds = datasets.load_dataset(hub_id, config, split=f"{split}[:{samples}]")
+        return [r[field] for r in ds]
     except Exception as e:
-        raise UserError(f"cannot load calibration dataset {dataset} ({type(e).__name__}: offline?); "
+        raise UserError(f"cannot load calibration dataset {hub_id} ({type(e).__name__}: offline?); "
                         "use --calib-text FILE or --calib-dataset pydoc") from None
 
 

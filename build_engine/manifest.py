@@ -3,10 +3,14 @@ hash of every file in it. Downstream steps read settings from here, never from f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
 import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from build_engine import UserError
@@ -67,9 +71,21 @@ def verify_files(folder: Path) -> list[str]:
 
 def publish(tmp: Path, output: Path) -> None:
     """Move a finished artifact folder into place (replacing an older one), world-readable."""
-    import shutil
-
     Path(tmp).chmod(0o755)
     if output.exists():
         shutil.rmtree(output)
     Path(tmp).rename(output)
+
+
+@contextlib.contextmanager
+def staging(output: Path) -> Iterator[Path]:
+    """Stage, validate, publish: the block writes into a temporary sibling of `output`, which is
+    published at `output` only when the block succeeds. A failure leaves no partial folder behind."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield tmp
+        publish(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

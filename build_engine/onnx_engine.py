@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -190,14 +189,11 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
     ck_manifest = manifest.read(ckpt, "trtllm-checkpoint")
     facts = ck_manifest["model"]
     checkpoint.validate(ckpt, real_vocab=facts["vocab_size"])
-    preset = presets.load(ck_manifest["preset"]) if ck_manifest.get("preset") else None
-    limits = preset.engine if preset else presets.EngineLimits(8, 2048, 4096, 4096)
+    limits = presets.limits_for(ck_manifest)
     context_length = min(limits.max_seq_len, facts["max_position_embeddings"])
     ck = checkpoint.Checkpoint(ckpt)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with manifest.staging(output) as tmp:
         model = build_graph(ck, facts["vocab_size"], facts.get("sliding_window"), context_length, accuracy_level)
         onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=MODEL_FILE + ".data", size_threshold=1024)
@@ -213,7 +209,4 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
                       "group_size": ck.shapes.group_size, "lm_head": "dense fp32, sliced to the real vocabulary"},
             limits=vars(limits), model=facts,
         )
-        manifest.publish(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output

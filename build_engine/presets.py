@@ -17,12 +17,14 @@ class EngineLimits:
     max_input_len: int
     max_seq_len: int
     max_num_tokens: int
-    kv_cache_dtype: str = "float16"
     kv_cache_free_gpu_mem_fraction: float = 0.9
 
     def __post_init__(self):
         if self.max_input_len >= self.max_seq_len:
             raise UserError(f"max_input_len {self.max_input_len} must be below max_seq_len {self.max_seq_len}")
+
+
+DEFAULT_LIMITS = EngineLimits(max_batch_size=8, max_input_len=2048, max_seq_len=4096, max_num_tokens=4096)
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,9 @@ class Preset:
     description: str
     source: str
     group_size: int
-    end_id: int | None
-    max_attention_window: int | None
     calibration: Calibration
     engine: EngineLimits
-    triton_image: str
-    trtllm_version: str
+    triton_image: str  # the Triton TensorRT-LLM container of the GPU workflow (see build_engine.container)
     architecture: dict = field(default_factory=dict)
 
 
@@ -60,6 +59,18 @@ def load(name: str) -> Preset:
     raw["calibration"] = Calibration(**raw["calibration"])
     raw["engine"] = EngineLimits(**raw["engine"])
     return Preset(**raw)
+
+
+def for_checkpoint(ckpt_manifest: dict) -> Preset | None:
+    """The preset a checkpoint (or an engine made from it) was quantized with, from its manifest."""
+    name = ckpt_manifest.get("preset")
+    return load(name) if name else None
+
+
+def limits_for(ckpt_manifest: dict) -> EngineLimits:
+    """Engine limits: the checkpoint's preset, else one default for every engine target."""
+    preset = for_checkpoint(ckpt_manifest)
+    return preset.engine if preset else DEFAULT_LIMITS
 
 
 def for_model(model: str) -> Preset | None:

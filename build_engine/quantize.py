@@ -7,8 +7,6 @@ temporary folder, validated, given the tokenizer and a manifest, and only then r
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,40 +60,61 @@ def check_group_size(model, group_size: int) -> None:
 
 
 def awq_config(group_size: int, algorithm: str) -> dict:
+    """ModelOpt's INT4_AWQ_CFG with our group size and algorithm. Its `quant_cfg` is a dict of
+    pattern -> settings in modelopt 0.37 (TensorRT-LLM 1.2.1's container) and a list of
+    {"quantizer_path", "cfg"} entries in 0.47 (our CPU pins); both are handled."""
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    for entry in cfg["quant_cfg"]:
-        sizes = entry.get("cfg", {}).get("block_sizes") if isinstance(entry.get("cfg"), dict) else None
-        if sizes is not None:
-            sizes[-1] = group_size
+    quant_cfg = cfg["quant_cfg"]
+    settings = quant_cfg.values() if isinstance(quant_cfg, dict) else (e.get("cfg") for e in quant_cfg)
+    blocked = [c["block_sizes"] for c in settings if isinstance(c, dict) and isinstance(c.get("block_sizes"), dict)]
+    if not blocked:
+        raise UserError("this nvidia-modelopt's INT4_AWQ_CFG has no block-quantized weight quantizer; "
+                        "use nvidia-modelopt 0.37 (TensorRT-LLM 1.2.1) or 0.47")
+    for sizes in blocked:
+        sizes[-1] = group_size
     cfg["algorithm"] = {"method": algorithm}
     return cfg
 
 
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer from {path}: {e}") from None
+
+
 def load_model(path: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
+    tok = load_tokenizer(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {path}: {e}") from None
     return model, tok
 
 
-def quantize_model(model, tokenizer, settings: QuantizeSettings):
+def calibration_batches(tokenizer, settings: QuantizeSettings) -> list[list[int]]:
+    docs = calibration.load_text(settings.calib_dataset, settings.calib_text, settings.calib_size)
+    return calibration.token_batches(tokenizer, docs, settings.calib_size, settings.calib_seq_len, settings.seed)
+
+
+def quantize_model(model, tokenizer, settings: QuantizeSettings, batches: list[list[int]] | None = None):
     """Calibrate AWQ in place (fake-quantized modules). Returns the model."""
     import modelopt.torch.quantization as mtq
     import torch
     from tqdm.auto import tqdm
 
     check_group_size(model, settings.group_size)
-    docs = calibration.load_text(settings.calib_dataset, settings.calib_text)
-    batches = calibration.token_batches(tokenizer, docs, settings.calib_size, settings.calib_seq_len, settings.seed)
+    if batches is None:
+        batches = calibration_batches(tokenizer, settings)
     device = next(model.parameters()).device
     passes = [0]
 
@@ -149,18 +168,18 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
     settings, preset = default_settings(model, preset, **overrides)
     src = sources.resolve(model)
     t0 = time.perf_counter()
+    # The calibration text first: an offline hub fails in seconds, not after loading a 7B model.
+    batches = calibration_batches(load_tokenizer(src.path), settings)
     hf_model, tok = load_model(src.path)
     facts = model_facts(hf_model.config, tok)
-    quantize_model(hf_model, tok, settings)
+    quantize_model(hf_model, tok, settings, batches)
     calib_s = time.perf_counter() - t0
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with manifest.staging(output) as tmp:
         export(hf_model, tmp)
         checkpoint.validate(tmp, real_vocab=facts["vocab_size"])
-        tok.save_pretrained(tmp / "tokenizer")
+        sources.copy_tokenizer(src.path, tmp / "tokenizer")
         manifest.write(
             tmp, CHECKPOINT_KIND,
             source={"model": src.name, "kind": src.kind, "path": str(src.path), "revision": src.revision,
@@ -172,8 +191,5 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
             model=facts,
             timing={"calibration_s": round(calib_s, 1), "total_s": round(time.perf_counter() - t0, 1)},
         )
-        manifest.publish(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     progress_log(f"wrote {output} (W4A16_AWQ, group {settings.group_size}) in {time.perf_counter() - t0:.0f} s")
     return output

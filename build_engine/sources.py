@@ -45,6 +45,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# The files a Hugging Face tokenizer is made of. Artifacts carry the source model's own files, byte
+# for byte: a re-save by transformers 5 (TokenizersBackend, list-form extra_special_tokens, no
+# tokenizer.model) does not load under TensorRT-LLM 1.2.1's transformers 4.57.3.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
+    """Copy the model folder's own tokenizer files into `dest`; returns their names."""
+    found = [f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
+    if "tokenizer_config.json" not in found or not {"tokenizer.model", "tokenizer.json"} & set(found):
+        raise UserError(f"{model_dir} has no tokenizer (tokenizer_config.json with tokenizer.model or tokenizer.json)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copy2(Path(model_dir) / f, dest / f)
+    return found
+
+
 def resolve(model: str, cache: Path | None = None) -> ModelSource:
     """Turn a model argument into a local HF folder, materializing built-ins on first use."""
     if model in BUILTINS:
@@ -58,7 +76,13 @@ def resolve(model: str, cache: Path | None = None) -> ModelSource:
         return ModelSource(model, path.resolve(), "local")
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return _from_hub(model)
-    raise UserError(f"model {model!r} is not a folder, a hub id, or a built-in ({', '.join(BUILTINS)})")
+    from build_engine import presets
+
+    preset = presets.for_model(model)
+    if preset is not None and preset.source != model:  # a preset's name stands for its source
+        return resolve(preset.source, cache)
+    raise UserError(f"model {model!r} is not a folder, a hub id, a preset ({', '.join(presets.names())}) "
+                    f"or a built-in ({', '.join(BUILTINS)})")
 
 
 def check_hf_folder(path: Path) -> None:
@@ -80,7 +104,7 @@ def _from_hub(repo_id: str) -> ModelSource:
         from huggingface_hub import HfApi, snapshot_download
 
         revision = HfApi().model_info(repo_id).sha
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"])
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "merges.txt"])
     except Exception as e:  # offline, gated, unknown id: all end the same way for the user
         raise UserError(
             f"cannot download {repo_id} from the Hugging Face hub ({type(e).__name__}); "
@@ -213,3 +237,18 @@ def _write_smollm2(folder: Path) -> None:
     GenerationConfig(bos_token_id=im_start, eos_token_id=im_end, pad_token_id=config.pad_token_id).save_pretrained(folder)
     tok.eos_token = IM_END
     tok.save_pretrained(folder)
+    make_tokenizer_portable(folder, "GPT2Tokenizer")  # the class SmolLM2's own repository names
+
+
+def make_tokenizer_portable(folder: Path, tokenizer_class: str) -> None:
+    """A tokenizer_config.json that transformers 4.57 (TensorRT-LLM 1.2.1) and 5 both load to the same
+    ids: a class both know (5 writes `TokenizersBackend`, unknown to 4.57), no list-form
+    `extra_special_tokens` (4.57 expects a dict) and none of 5's loader-only keys."""
+    path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = tokenizer_class
+    for key in ("backend", "is_local", "local_files_only"):
+        cfg.pop(key, None)
+    if isinstance(cfg.get("extra_special_tokens"), list):
+        del cfg["extra_special_tokens"]
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

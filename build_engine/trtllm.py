@@ -2,25 +2,25 @@
 
 TensorRT-LLM cannot be installed on a machine without an NVIDIA GPU; this module builds the exact
 command as data (tested), and runs it only where `trtllm-build` and a GPU are present (inside the
-Triton TRT-LLM container named by the preset).
+Triton TRT-LLM container, build_engine.container).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from build_engine import UserError, checkpoint, manifest, presets
+from build_engine import UserError, checkpoint, container, manifest, presets
 
 ENGINE_KIND = "trtllm-engine"
 
 
 def build_command(ckpt: Path, output: Path, limits: presets.EngineLimits, workers: int = 1) -> list[str]:
-    """trtllm-build with the fused-attention plugin path: GPT attention plugin with context FMHA
-    (paged), paged KV cache, packed (padding-free) inputs, GEMM plugin for the fp16 lm_head.
-    The AWQ weight-only GEMM plugin is selected by the builder from the checkpoint's quant_algo."""
+    """trtllm-build (TensorRT-LLM 1.2.x) with the fused-attention path: GPT attention plugin with
+    context FMHA (paged), paged KV cache, packed (padding-free) inputs, GEMM plugin for the fp16
+    lm_head. The AWQ weight-only GEMM is selected by the builder from the checkpoint's quant_algo.
+    `--kv_cache_type paged` replaces the deprecated `--paged_kv_cache enable` (1.2's build.py)."""
     return [
         "trtllm-build",
         "--checkpoint_dir", str(ckpt),
@@ -28,7 +28,7 @@ def build_command(ckpt: Path, output: Path, limits: presets.EngineLimits, worker
         "--gpt_attention_plugin", "auto",
         "--context_fmha", "enable",
         "--use_paged_context_fmha", "enable",
-        "--paged_kv_cache", "enable",
+        "--kv_cache_type", "paged",
         "--remove_input_padding", "enable",
         "--gemm_plugin", "auto",
         "--max_batch_size", str(limits.max_batch_size),
@@ -39,40 +39,70 @@ def build_command(ckpt: Path, output: Path, limits: presets.EngineLimits, worker
     ]
 
 
-def preset_for_checkpoint(ckpt: Path) -> presets.Preset:
-    m = manifest.read(ckpt, "trtllm-checkpoint")
-    name = m.get("preset")
-    return presets.load(name) if name else presets.load("nous-hermes-2-mistral-7b-dpo")
-
-
 def missing_requirements() -> list[str]:
     missing = []
     if shutil.which("trtllm-build") is None:
-        missing.append("trtllm-build (TensorRT-LLM 1.2.x) is not on PATH")
+        missing.append(f"trtllm-build (TensorRT-LLM {container.SUPPORTED_TRTLLM}x) is not on PATH")
     if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode:
         missing.append("no NVIDIA GPU is visible (nvidia-smi)")
     return missing
 
 
+def tensorrt_llm_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("tensorrt_llm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run_logged(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run with the tool's own log on stderr (the build takes minutes); keep its tail for the error."""
+    import collections
+    import sys
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail.append(line.rstrip("\n"))
+    return proc.returncode, list(tail)
+
+
 def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.EngineLimits | None = None) -> list[str]:
     ckpt, output = Path(ckpt), Path(output)
-    checkpoint.validate(ckpt)
-    preset = preset_for_checkpoint(ckpt)
-    cmd = build_command(ckpt, output, limits or preset.engine)
+    ck_manifest = manifest.read(ckpt, "trtllm-checkpoint")
+    checkpoint.validate(ckpt, real_vocab=ck_manifest["model"]["vocab_size"])
+    preset = presets.for_checkpoint(ck_manifest)
+    image = preset.triton_image if preset else container.DEFAULT_IMAGE
+    limits = limits or presets.limits_for(ck_manifest)
+    cmd = build_command(ckpt, output, limits)
     if dry_run:
         return cmd
     missing = missing_requirements()
     if missing:
         raise UserError(
             "cannot build a TensorRT-LLM engine here: " + "; ".join(missing)
-            + f". Run this inside the {preset.triton_image} container on a GPU host "
+            + f". Run this inside the {image} container on a GPU host "
             "(see README, 'GPU workflow'), or use --target cpu"
         )
-    subprocess.run(cmd, check=True, env={**os.environ})
-    manifest.write(output, ENGINE_KIND, checkpoint={"path": str(ckpt), "manifest": manifest.read(ckpt)["files"]},
-                   preset=preset.name, command=cmd,
-                   runtime={"max_attention_window_size": preset.max_attention_window,
-                            "kv_cache_free_gpu_mem_fraction": preset.engine.kv_cache_free_gpu_mem_fraction},
-                   model=manifest.read(ckpt)["model"], limits=vars(preset.engine))
-    shutil.copytree(ckpt / "tokenizer", output / "tokenizer", dirs_exist_ok=True)
+    version = tensorrt_llm_version()
+    if version is None or not version.startswith(container.SUPPORTED_TRTLLM):
+        raise UserError(f"TensorRT-LLM {version or '(not importable)'} is installed; the TensorRT engine path and "
+                        f"the tensorrtllm Triton backend need {container.SUPPORTED_TRTLLM}x ({image})")
+    facts = ck_manifest["model"]
+    with manifest.staging(output) as tmp:
+        code, tail = _run_logged(build_command(ckpt, tmp, limits))
+        if code:
+            raise UserError(f"trtllm-build failed with exit code {code}; its last lines:\n" + "\n".join(tail))
+        shutil.copytree(ckpt / "tokenizer", tmp / "tokenizer")
+        manifest.write(tmp, ENGINE_KIND,
+                       checkpoint={"path": str(ckpt.resolve()), "files": ck_manifest["files"]},
+                       preset=preset.name if preset else None, command=cmd, image=image,
+                       tensorrt_llm=version, world_size=1,
+                       # Mistral's sliding window is a runtime setting of the engine, from the model's own config.
+                       runtime={"max_attention_window_size": facts.get("sliding_window"),
+                                "kv_cache_free_gpu_mem_fraction": limits.kv_cache_free_gpu_mem_fraction},
+                       model=facts, limits=vars(limits))
     return cmd

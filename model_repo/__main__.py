@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from build_engine import UserError, cli
+from build_engine import UserError, cli, container
 
 EXAMPLES = """examples:
   python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
@@ -20,43 +20,20 @@ EXAMPLES = """examples:
 def _generate(args) -> int:
     from model_repo.generate import generate
 
-    print(generate(Path(args.engine), Path(args.output), args.max_batch_size, args.instances))
+    print(generate(Path(args.engine), Path(args.output), args.max_batch_size, args.instances, args.max_queue_size))
     return 0
 
 
-def docker_command(repo: Path, image: str, args) -> list[str]:
-    """The GPU host's server: Triton with the TensorRT-LLM backend, in NVIDIA's container."""
-    return ["docker", "run", "--rm", "--gpus", "all", "--shm-size=2g",
-            "-p", f"{args.host}:{args.http_port}:8000", "-p", f"{args.host}:{args.grpc_port}:8001",
-            "-p", f"{args.host}:{args.metrics_port}:8002", "-v", f"{repo}:{repo}", image,
-            "tritonserver", f"--model-repository={repo}"]
-
-
 def _serve(args) -> int:
-    from build_engine import manifest, presets
+    from build_engine import manifest
     from model_repo.server import Ports, TritonServer
 
     repo = Path(args.repo).resolve()
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
-        import shutil
-        import subprocess
-
-        image = presets.load(m.get("preset") or "nous-hermes-2-mistral-7b-dpo").triton_image
-        if shutil.which("tritonserver") and not args.dry_run:  # already inside the TRT-LLM container
-            cmd = ["tritonserver", f"--model-repository={repo}", f"--http-address={args.host}",
-                   f"--http-port={args.http_port}", f"--grpc-address={args.host}", f"--grpc-port={args.grpc_port}",
-                   f"--metrics-port={args.metrics_port}"]
-        else:
-            cmd = docker_command(repo, image, args)
-        print(shlex.join(cmd), flush=True)
-        if args.dry_run:
-            return 0
-        if cmd[0] == "docker" and shutil.which("docker") is None:
-            raise UserError(f"serving a GPU engine needs tritonserver (inside {image}) or docker with the "
-                            "NVIDIA container toolkit")
-        return subprocess.call(cmd)
-    server = TritonServer(repo, args.host, Ports(args.http_port, args.grpc_port, args.metrics_port))
+        return _serve_gpu(repo, ports, args)
+    server = TritonServer(repo, args.host, ports)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -68,6 +45,24 @@ def _serve(args) -> int:
             raise UserError(f"tritonserver exited with code {server.proc.returncode}")
     server.stop()
     return 0
+
+
+def _serve_gpu(repo: Path, ports, args) -> int:
+    """A GPU repository: tritonserver with the TensorRT-LLM backend, in this project's serving image."""
+    import shutil
+    import subprocess
+
+    from model_repo.server import gpu_command
+
+    inside = shutil.which("tritonserver") is not None and not args.dry_run
+    cmd = gpu_command(repo, args.host, ports, args.image, inside_container=inside)
+    print(shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    if not inside and shutil.which("docker") is None:
+        raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
+                        f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
+    return subprocess.call(cmd)
 
 
 def _demo(args) -> int:
@@ -93,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True)
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--instances", type=int, default=1, help="instances of the python pre/post/BLS models")
+    s.add_argument("--max-queue-size", type=int,
+                   help="requests waiting for tensorrt_llm before Triton refuses more (default: 4 x max batch size)")
     s.set_defaults(handler=_generate)
 
     s = sub.add_parser("serve", help="serve a repository with Triton (bundled server on CPU, container on GPU)")
@@ -103,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--quiet", action="store_true", help="do not forward the server log")
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
+    s.add_argument("--image", default=container.SERVING_IMAGE,
+                   help="GPU: the serving image (default: %(default)s, built by `make gpu-image`)")
     s.set_defaults(handler=_serve)
 
     s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop")

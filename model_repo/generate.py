@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from build_engine import UserError, manifest
-from model_repo.config import ModelSpec, Tensor, parse, render
+from model_repo import backend_contract
+from model_repo.config import Batching, ModelSpec, Tensor, message, render
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
 S, I32, F32, U64, B = "TYPE_STRING", "TYPE_INT32", "TYPE_FP32", "TYPE_UINT64", "TYPE_BOOL"
@@ -24,24 +24,36 @@ SAMPLING_INPUTS = [  # optional, shared by the ensemble and the BLS model
     Tensor("presence_penalty", F32, (1,), True), Tensor("frequency_penalty", F32, (1,), True),
     Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
     Tensor("stream", B, (1,), True), Tensor("exclude_input_in_output", B, (1,), True),
-    Tensor("return_log_probs", B, (1,), True),
 ]
-LLM_INPUTS = [
-    Tensor("input_ids", I32, (-1,)), Tensor("input_lengths", I32, (1,)), Tensor("request_output_len", I32, (1,)),
-    Tensor("end_id", I32, (1,), True), Tensor("pad_id", I32, (1,), True), Tensor("streaming", B, (1,), True),
-    Tensor("runtime_top_k", I32, (1,), True), Tensor("runtime_top_p", F32, (1,), True),
-    Tensor("temperature", F32, (1,), True), Tensor("repetition_penalty", F32, (1,), True),
-    Tensor("presence_penalty", F32, (1,), True), Tensor("frequency_penalty", F32, (1,), True),
-    Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
-    Tensor("stop_words_list", I32, (2, -1), True), Tensor("bad_words_list", I32, (2, -1), True),
-    Tensor("exclude_input_in_output", B, (1,), True), Tensor("return_log_probs", B, (1,), True),
-    Tensor("stop", B, (1,), True),
-]
-LLM_OUTPUTS = [Tensor("output_ids", I32, (-1, -1)), Tensor("sequence_length", I32, (-1,))]
+
+
+def _backend_tensor(t: backend_contract.BackendTensor) -> Tensor:
+    return Tensor(t.name, t.dtype, t.dims, t.optional, reshape=() if t.scalar else None, ragged=t.ragged)
+
+
+# tensorrt_llm declares exactly the backend's tensors (the CPU stand-in included).
+LLM_INPUTS = [_backend_tensor(t) for t in backend_contract.INPUTS]
+LLM_OUTPUTS = [_backend_tensor(t) for t in backend_contract.OUTPUTS]
+QUEUE_PER_BATCH_SLOT = 4  # default bound on the tensorrt_llm queue: 4 x max_batch_size requests
+
+
+def llm_parameters(eng: dict, engine_dir: Path) -> dict[str, str]:
+    """The tensorrt_llm model's parameters: the same keys for the GPU backend and the CPU stand-in."""
+    runtime = eng.get("runtime", {})
+    window = runtime.get("max_attention_window_size") or eng["model"].get("sliding_window")
+    return {
+        "gpt_model_type": "inflight_fused_batching", "gpt_model_path": str(engine_dir),
+        # Read without a default by the 1.2 backend; empty values keep guided decoding off.
+        "tokenizer_dir": "", **backend_contract.GUIDED_DECODING_OFF,
+        "max_beam_width": "1", "batch_scheduler_policy": "max_utilization",
+        "kv_cache_free_gpu_mem_fraction": str(runtime.get("kv_cache_free_gpu_mem_fraction", 0.9)),
+        "exclude_input_in_output": "true", "enable_chunked_context": "true",
+        **({"max_attention_window_size": str(window)} if window else {}),
+    }
 
 
 def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_batch_size: int,
-          instances: int) -> list[ModelSpec]:
+          instances: int, max_queue_size: int) -> list[ModelSpec]:
     facts, limits = eng["model"], eng["limits"]
     end_id, pad_id = facts["end_id"], facts["pad_id"]
     max_output_len = limits["max_seq_len"] - 1
@@ -61,20 +73,9 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         "postprocessing", "python", max_batch_size,
         inputs=[Tensor("TOKENS_BATCH", I32, (-1, -1)), Tensor("SEQUENCE_LENGTH", I32, (-1,))],
         outputs=[Tensor("OUTPUT", S, (-1,))], parameters=tok, instances=instances)
-    if target == "cpu":
-        llm = ModelSpec("tensorrt_llm", "python", max_batch_size, LLM_INPUTS, LLM_OUTPUTS, decoupled=True,
-                        parameters={"engine_dir": str(engine_dir), "exclude_input_in_output": "true"})
-    else:
-        window = eng.get("runtime", {}).get("max_attention_window_size")
-        llm = ModelSpec("tensorrt_llm", "tensorrtllm", max_batch_size, LLM_INPUTS, LLM_OUTPUTS, decoupled=True,
-                        parameters={
-                            "gpt_model_type": "inflight_fused_batching", "gpt_model_path": str(engine_dir),
-                            "max_beam_width": "1", "batch_scheduler_policy": "max_utilization",
-                            "kv_cache_free_gpu_mem_fraction":
-                                str(eng.get("runtime", {}).get("kv_cache_free_gpu_mem_fraction", 0.9)),
-                            "exclude_input_in_output": "true", "enable_chunked_context": "true",
-                            **({"max_attention_window_size": str(window)} if window else {}),
-                        })
+    llm = ModelSpec("tensorrt_llm", "python" if target == "cpu" else "tensorrtllm", max_batch_size, LLM_INPUTS,
+                    LLM_OUTPUTS, decoupled=True, parameters=llm_parameters(eng, engine_dir),
+                    batching=Batching(max_queue_size, preferred_batch_size=(max_batch_size,)))
     ensemble = ModelSpec(
         "ensemble", None, max_batch_size,
         inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
@@ -93,7 +94,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
                         "temperature": "temperature", "repetition_penalty": "repetition_penalty",
                         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                         "min_tokens": "min_tokens", "seed": "seed", "streaming": "stream",
-                        "exclude_input_in_output": "exclude_input_in_output", "return_log_probs": "return_log_probs"},
+                        "exclude_input_in_output": "exclude_input_in_output"},
              "outputs": {"output_ids": "_TOKENS", "sequence_length": "_SEQ_LEN"}},
             {"model": "postprocessing", "inputs": {"TOKENS_BATCH": "_TOKENS", "SEQUENCE_LENGTH": "_SEQ_LEN"},
              "outputs": {"OUTPUT": "text_output"}},
@@ -112,24 +113,27 @@ MODEL_FILES = {"preprocessing": "preprocessing.py", "postprocessing": "postproce
                "tensorrt_llm_bls": "bls.py", "tensorrt_llm": "tensorrt_llm_cpu.py"}
 
 
-def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, instances: int = 1) -> Path:
+def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, instances: int = 1,
+             max_queue_size: int | None = None) -> Path:
     engine_dir, output = Path(engine_dir).resolve(), Path(output)
     m = manifest.read(engine_dir)
     target = {"cpu-engine": "cpu", "trtllm-engine": "gpu"}.get(m["kind"])
     if target is None:
         raise UserError(f"{engine_dir} holds a {m['kind']!r}, not an engine (build one with python -m build_engine build)")
     mbs = max_batch_size or m["limits"]["max_batch_size"]
-    if mbs < 1 or instances < 1:
-        raise UserError("--max-batch-size and --instances must be >= 1")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    queue = max_queue_size or QUEUE_PER_BATCH_SLOT * mbs
+    if mbs < 1 or instances < 1 or queue < 1:
+        raise UserError("--max-batch-size, --instances and --max-queue-size must be >= 1")
+    with manifest.staging(output) as tmp:
         # Inside a model folder: Triton would take a top-level folder for a model.
         tokenizer_dir = output.resolve() / "preprocessing" / "tokenizer"
         shutil.copytree(engine_dir / "tokenizer", tmp / "preprocessing" / "tokenizer")
-        for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, instances):
+        for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, instances, queue):
+            if spec.name == "tensorrt_llm":
+                problems = backend_contract.check(message(spec))
+                if problems:  # a bug in this generator, never a user's mistake
+                    raise AssertionError("tensorrt_llm config breaks the backend contract: " + "; ".join(problems))
             text = render(spec)
-            parse(text)  # every config must be a valid ModelConfig
             d = tmp / spec.name
             (d / "1").mkdir(parents=True, exist_ok=True)
             (d / "config.pbtxt").write_text(text)
@@ -138,9 +142,7 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                 shutil.copyfile(MODELS_DIR / src, d / "1" / "model.py")
         manifest.write(tmp, "triton-repository", engine={"path": str(engine_dir), "kind": m["kind"],
                                                           "files": m["files"]},
-                       target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances},
+                       target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances,
+                                                                     "max_queue_size": queue},
                        model=m["model"], limits=m["limits"])
-        manifest.publish(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output

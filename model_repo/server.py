@@ -30,6 +30,17 @@ class Ports:
     metrics: int
 
 
+def tritonserver_args(repo: Path, host: str, ports: Ports) -> list[str]:
+    """The serving flags every launch shares (CPU, GPU container, inside the container): HTTP, gRPC
+    and metrics all bound to `host` (loopback unless the user says otherwise)."""
+    return [
+        f"--model-repository={repo}",
+        f"--http-address={host}", f"--http-port={ports.http}",
+        f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
+        f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
+    ]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -112,13 +123,8 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         return [
-            str(pytriton_root() / "bin" / "tritonserver"),
-            "--model-repository", str(self.repo),
-            "--backend-directory", str(backends),
-            "--http-address", self.host, "--http-port", str(self.ports.http),
-            "--grpc-address", self.host, "--grpc-port", str(self.ports.grpc),
-            "--metrics-address", self.host, "--metrics-port", str(self.ports.metrics),
-            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-on-error=true",
+            str(pytriton_root() / "bin" / "tritonserver"), *tritonserver_args(self.repo, self.host, self.ports),
+            f"--backend-directory={backends}", "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-on-error=true",
             "--log-verbose", str(self.log_verbose),
         ]
 
@@ -180,3 +186,21 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_container: bool) -> list[str]:
+    """tritonserver with the TensorRT-LLM backend for a GPU repository. Inside the serving image it
+    runs directly; elsewhere through docker with the image, the repository and the engine mounted
+    read-only at the paths the configs name, and host networking so that the loopback binding
+    means the host's loopback."""
+    from build_engine import manifest
+
+    repo = Path(repo).resolve()
+    args = ["tritonserver", *tritonserver_args(repo, host, ports)]
+    if inside_container:
+        return args
+    engine = Path(manifest.read(repo, "triton-repository")["engine"]["path"])
+    mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]
+    return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host", "--shm-size=2g",
+            *mounts, image, *args]
+

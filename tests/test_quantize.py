@@ -21,6 +21,7 @@ HF_NAMES = {  # TRT-LLM linear -> HF projections it fuses
 }
 
 
+@pytest.mark.container_versions
 def test_checkpoint_config_is_w4a16_awq(tiny_ckpt):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     assert cfg["architecture"] == "MistralForCausalLM"
@@ -33,6 +34,7 @@ def test_checkpoint_config_is_w4a16_awq(tiny_ckpt):
     assert cfg["mapping"]["tp_size"] == 1
 
 
+@pytest.mark.container_versions
 def test_validator_accepts_the_export_and_padded_rows_are_zero(tiny_ckpt):
     shapes = checkpoint.validate(tiny_ckpt, real_vocab=32002)
     ck = checkpoint.Checkpoint(tiny_ckpt)
@@ -65,6 +67,7 @@ def test_int4_packing_roundtrip():
     assert (checkpoint.unpack_int4_rows(packed) == codes).all()
 
 
+@pytest.mark.container_versions
 def test_codes_and_scales_follow_the_export_rule_from_original_weights(tiny_ckpt, tiny_model):
     """Recompute codes and scales from the original HF weights and the stored pre-quant factor p:
     Wf = W / p, scale = amax(Wf per group) / 7, q = clamp(round(Wf / scale), -8, 7)."""
@@ -116,6 +119,7 @@ def test_packed_weights_equal_modelopt_fake_quant(tiny_model):
             assert err < 2e-3, f"layer {layer} {trt}: {err}"
 
 
+@pytest.mark.container_versions
 def test_manifest_records_inputs_settings_versions_and_hashes(tiny_ckpt):
     m = manifest.read(tiny_ckpt, "trtllm-checkpoint")
     assert m["source"]["model"] == "tiny-hermes" and m["source"]["files"]["config.json"]["sha256"]
@@ -124,11 +128,14 @@ def test_manifest_records_inputs_settings_versions_and_hashes(tiny_ckpt):
                                  "tool": "nvidia-modelopt"}
     assert m["calibration"]["calib_dataset"] == "pydoc"
     assert m["model"]["end_id"] == 32000 and m["model"]["sliding_window"] == 64
-    assert m["versions"]["nvidia-modelopt"].startswith("0.47")
+    import importlib.metadata
+
+    assert m["versions"]["nvidia-modelopt"] == importlib.metadata.version("nvidia-modelopt")
     assert set(m["files"]) >= {"config.json", "rank0.safetensors", "tokenizer/tokenizer_config.json"}
     assert manifest.verify_files(tiny_ckpt) == []
 
 
+@pytest.mark.container_versions
 def test_smollm2_quantizes_with_group_64(smol_ckpt):
     cfg = json.loads((smol_ckpt / "config.json").read_text())
     assert cfg["architecture"] == "LlamaForCausalLM"
@@ -196,3 +203,49 @@ def test_calibration_text_file_is_used(tiny_model, tmp_path):
     batches = calibration.token_batches(tok, calibration.load_text(text_file=f), size=2, seq_len=32)
     assert len(batches) == 2 and all(len(b) == 32 for b in batches)
     assert "document" in tok.decode(batches[0])
+
+
+def test_hub_calibration_reads_a_split_slice_of_the_id_modelopt_uses(monkeypatch):
+    """cnn_dailymail as TensorRT-LLM's recipe calibrates on it: modelopt's hub id, and only the samples
+    asked for (a split slice), never the whole split."""
+    import datasets
+
+    from build_engine import calibration
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: calls.append((a, k)) or [{"article": f"story {i}"} for i in range(3)])
+    assert calibration.load_text("cnn_dailymail", samples=3) == ["story 0", "story 1", "story 2"]
+    assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"split": "train[:3]"})]
+
+
+def test_offline_calibration_dataset_fails_before_the_model_is_loaded(capsys, tiny_model, tmp_path, monkeypatch):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(quantize, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    code, err = _run_cli(capsys, "quantize", "--model", str(tiny_model), "--calib-dataset", "cnn_dailymail",
+                         "--output", str(tmp_path / "ckpt"))
+    assert code == 1 and "abisee/cnn_dailymail" in err and "--calib-text" in err and "\n" not in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_awq_config_sets_the_group_size_in_either_modelopt_form(monkeypatch):
+    """modelopt 0.37 (TensorRT-LLM 1.2.1's container) keeps quant_cfg as a dict, 0.47 as a list."""
+    import modelopt.torch.quantization as mtq
+
+    weight = {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}, "enable": True}
+    forms = {
+        "0.37": {"quant_cfg": {"*weight_quantizer": weight, "*input_quantizer": {"enable": False}},
+                 "algorithm": {"method": "awq_lite", "alpha_step": 0.1}},
+        "0.47": {"quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": weight},
+                               {"quantizer_name": "*input_quantizer", "cfg": {"enable": False}}],
+                 "algorithm": "awq_lite"},
+    }
+    for form in forms.values():
+        monkeypatch.setattr(mtq, "INT4_AWQ_CFG", form)
+        cfg = quantize.awq_config(64, "awq_full")
+        blocks = [c for c in (cfg["quant_cfg"].values() if isinstance(cfg["quant_cfg"], dict)
+                              else (e["cfg"] for e in cfg["quant_cfg"])) if "block_sizes" in c]
+        assert [b["block_sizes"][-1] for b in blocks] == [64] and cfg["algorithm"] == {"method": "awq_full"}
+        assert weight["block_sizes"][-1] == 128  # the library's own config is left alone

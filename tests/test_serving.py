@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import Message, format_chatml
-from tests.triton_util import http_post, inputs, ready, stream_call
+from tests.triton_util import http_post, inputs, llm_inputs, ready, stream_call, stream_results
 
 QUESTION = [Message("user", "What is the capital of France?")]
 
@@ -29,6 +29,7 @@ def chat_ids(tok_dir, msgs):
                                    return_dict=True)["input_ids"]
 
 
+@pytest.mark.container_versions
 def test_server_feeds_the_engine_the_chat_template_ids(server):
     """No double BOS: the ids equal apply_chat_template(tokenize=True), for the prompt as sent and
     for one that already carries BOS."""
@@ -50,6 +51,7 @@ def test_server_feeds_the_engine_the_chat_template_ids(server):
         assert ids == want
 
 
+@pytest.mark.container_versions
 @pytest.mark.parametrize("model", ["tensorrt_llm_bls", "ensemble"])
 def test_streamed_deltas_concatenate_to_the_full_text(server, model):
     prompt = format_chatml([Message("user", "Write two sentences about the ocean, with an émoji 🌊.")])
@@ -61,6 +63,7 @@ def test_streamed_deltas_concatenate_to_the_full_text(server, model):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.container_versions
 def test_smollm2_answers_paris_over_grpc_and_http(smol_server):
     prompt = format_chatml(QUESTION)
     pieces, err = stream_call(smol_server.grpc_url, "tensorrt_llm_bls", inputs(prompt, 48, stream=True))
@@ -74,6 +77,59 @@ def test_smollm2_answers_paris_over_grpc_and_http(smol_server):
     events = [json.loads(line[5:]) for line in body.decode().splitlines() if line.startswith("data:")]
     assert status == 200 and len(events) > 3
     assert "".join(e["text_output"] for e in events) == "".join(pieces)
+
+
+@pytest.mark.container_versions
+def test_bls_chat_stops_at_im_end_well_before_max_tokens(smol_server):
+    """TensorRT-LLM's backend has no default end id: the BLS must send the tokenizer's, or a reply runs
+    to max_tokens past <|im_end|> (the CPU stand-in behaves the same way)."""
+    status, body = http_post(smol_server.http_url, "/v2/models/tensorrt_llm_bls/generate",
+                             {"text_input": format_chatml(QUESTION), "max_tokens": 200})
+    reply = json.loads(body)
+    assert status == 200 and reply["finish_reason"] == "stop", reply
+    assert reply["completion_tokens"] < 100 and "Paris" in reply["text_output"]
+
+
+@pytest.mark.container_versions
+def test_tensorrt_llm_stops_only_on_the_end_id_it_is_sent(smol_server):
+    """As the C++ backend: without end_id a request runs to request_output_len (end id -1); with the
+    tokenizer's end id it stops at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_server.repo / "preprocessing" / "tokenizer")
+    ids = chat_ids(smol_server.repo / "preprocessing" / "tokenizer", QUESTION)
+
+    def generated(**extra) -> int:
+        results, err = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, 60, **extra))
+        assert err is None
+        return int(results[-1].as_numpy("sequence_length").reshape(-1)[0])
+
+    assert generated() == 60
+    assert generated(end_id=(tok.convert_tokens_to_ids("<|im_end|>"), "INT32")) < 30
+
+
+def test_stop_without_a_request_id_is_refused_as_the_backend_does(smol_server):
+    _, err = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs([1], 1, stop=(True, "BOOL")))
+    assert err is not None and "request ID is not provided" in err
+    assert ready(smol_server.http_url)
+
+
+def test_cpu_stand_in_fails_to_load_a_config_the_backend_would_not_load(tiny_engine, tmp_path):
+    """The C++ backend reads guided_decoding_backend without a default; so does the stand-in."""
+    from build_engine import UserError
+    from model_repo.config import parse
+    from model_repo.generate import generate
+    from model_repo.server import TritonServer
+
+    repo = generate(tiny_engine, tmp_path / "repo")
+    path = repo / "tensorrt_llm" / "config.pbtxt"
+    cfg = parse(path.read_text())
+    del cfg.parameters["guided_decoding_backend"]
+    from google.protobuf import text_format
+
+    path.write_text(text_format.MessageToString(cfg))
+    with pytest.raises(UserError, match="'guided_decoding_backend' is missing"):
+        TritonServer(repo).start(timeout_s=120)
 
 
 def test_eight_concurrent_streams_match_their_solo_runs(smol_server):
@@ -197,54 +253,11 @@ def test_server_binds_loopback_and_leaves_no_shared_memory_behind(tiny_engine, t
     shm = lambda: {p.name for p in Path("/dev/shm").glob("*")}  # noqa: E731
     before = shm()
     server = TritonServer(generate(tiny_engine, tmp_path / "repo"))
-    assert server.host == "127.0.0.1" and "--grpc-address" in server.command(Path("/b"))
+    assert server.host == "127.0.0.1" and "--grpc-address=127.0.0.1" in server.command(Path("/b"))
     server.start()
     assert server.ready()
     assert server.stop() == 0
     assert shm() - before == set()
-
-
-def gpu_engine_dir(tmp_path, tiny_ckpt):
-    """A GPU engine's folder as trtllm-build + build_engine leave it (its manifest and tokenizer);
-    the engine itself cannot exist here, the repository only names its path."""
-    import shutil
-
-    from build_engine import manifest, presets
-
-    eng = tmp_path / "engine-gpu"
-    shutil.copytree(tiny_ckpt / "tokenizer", eng / "tokenizer")
-    hermes = presets.load("nous-hermes-2-mistral-7b-dpo")
-    manifest.write(eng, "trtllm-engine", preset=hermes.name, model=manifest.read(tiny_ckpt)["model"],
-                   limits=vars(hermes.engine),
-                   runtime={"max_attention_window_size": hermes.max_attention_window,
-                            "kv_cache_free_gpu_mem_fraction": hermes.engine.kv_cache_free_gpu_mem_fraction})
-    return eng
-
-
-def test_gpu_repository_uses_the_tensorrtllm_backend_with_inflight_batching(tmp_path, tiny_ckpt):
-    from model_repo.config import parse
-    from model_repo.generate import generate
-
-    repo = generate(gpu_engine_dir(tmp_path, tiny_ckpt), tmp_path / "repo")
-    cfg = parse((repo / "tensorrt_llm" / "config.pbtxt").read_text())
-    params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert cfg.backend == "tensorrtllm" and cfg.model_transaction_policy.decoupled
-    assert params["gpt_model_type"] == "inflight_fused_batching"
-    assert params["max_attention_window_size"] == "4096"
-    assert params["kv_cache_free_gpu_mem_fraction"] == "0.9"
-    assert params["gpt_model_path"] == str((tmp_path / "engine-gpu").resolve())
-    assert not (repo / "tensorrt_llm" / "1" / "model.py").exists()
-
-
-def test_gpu_serve_prints_the_container_command_bound_to_loopback(tmp_path, tiny_ckpt, capsys):
-    from model_repo.__main__ import main
-    from model_repo.generate import generate
-
-    repo = generate(gpu_engine_dir(tmp_path, tiny_ckpt), tmp_path / "repo")
-    assert main(["serve", "--repo", str(repo), "--dry-run"]) == 0
-    cmd = capsys.readouterr().out
-    assert cmd.startswith("docker run") and "--gpus all" in cmd and "trtllm-python-py3" in cmd
-    assert "-p 127.0.0.1:8001:8001" in cmd and f"--model-repository={repo.resolve()}" in cmd
 
 
 def test_serve_command_forwards_logs_and_stops_cleanly_on_sigterm(tiny_engine, tmp_path):

@@ -25,27 +25,47 @@ def inputs(prompt: str, max_tokens: int = 32, stream: bool = False, **extra):
     return out
 
 
-def stream_call(url: str, model: str, ins, timeout: float = 120) -> tuple[list[str], str | None]:
-    """(text pieces, error) of one gRPC streaming request."""
+def llm_inputs(ids: list[int], max_tokens: int, **extra):
+    """Inputs of a direct tensorrt_llm request, as TensorRT-LLM's backend takes them ([1, ...] each)."""
+    tensors = {"input_ids": (np.array([ids], dtype=np.int32), "INT32"),
+               "input_lengths": (np.array([[len(ids)]], dtype=np.int32), "INT32"),
+               "request_output_len": (np.array([[max_tokens]], dtype=np.int32), "INT32")}
+    for name, (value, dtype) in extra.items():
+        tensors[name] = (np.array([[value]], dtype={"INT32": np.int32, "BOOL": np.bool_}[dtype]), dtype)
+    out = []
+    for name, (arr, dtype) in tensors.items():
+        x = grpcclient.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(arr)
+        out.append(x)
+    return out
+
+
+def stream_results(url: str, model: str, ins, timeout: float = 120) -> tuple[list, str | None]:
+    """(responses, error) of one gRPC streaming request, up to its final flag."""
     c = grpcclient.InferenceServerClient(url)
     q: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: q.put((result, error)))
     c.async_stream_infer(model, ins, enable_empty_final_response=True)
-    pieces, err = [], None
+    results, err = [], None
     try:
         while True:
             r, e = q.get(timeout=timeout)
             if e is not None:
                 err = e.message()
                 break
-            a = r.as_numpy("text_output")
-            if a is not None:
-                pieces.extend(x.decode() for x in a.reshape(-1))
+            results.append(r)
             if r.get_response().parameters["triton_final_response"].bool_param:
                 break
     finally:
         c.stop_stream()
         c.close()
+    return results, err
+
+
+def stream_call(url: str, model: str, ins, timeout: float = 120) -> tuple[list[str], str | None]:
+    """(text pieces, error) of one gRPC streaming request."""
+    results, err = stream_results(url, model, ins, timeout)
+    pieces = [x.decode() for r in results if (a := r.as_numpy("text_output")) is not None for x in a.reshape(-1)]
     return pieces, err
 
 

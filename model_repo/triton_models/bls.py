@@ -1,7 +1,11 @@
 """tensorrt_llm_bls: the streaming chat model. Tokenizes through the `preprocessing` model (one
 place turns text into ids, BOS exactly once), calls `tensorrt_llm` through BLS, and emits correct text deltas: a stateful
 detokenizer keeps SentencePiece leading spaces and never splits a multi-byte character, so the
-concatenated deltas equal the non-streamed text. Stops at the model's end id (from the tokenizer)."""
+concatenated deltas equal the non-streamed text.
+
+TensorRT-LLM's backend has no default end id (a request without one never stops), so every inner
+request carries the end and pad ids: the request's own, else the tokenizer's (from this model's
+config)."""
 
 import itertools
 import json
@@ -20,8 +24,7 @@ FORWARD = {
     "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
     "temperature": ("temperature", np.float32), "repetition_penalty": ("repetition_penalty", np.float32),
     "presence_penalty": ("presence_penalty", np.float32), "frequency_penalty": ("frequency_penalty", np.float32),
-    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64), "end_id": ("end_id", np.int32),
-    "pad_id": ("pad_id", np.int32), "return_log_probs": ("return_log_probs", np.bool_),
+    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64),
 }
 
 
@@ -40,6 +43,10 @@ class TritonPythonModel:
             threading.Thread(target=self._serve, args=(request,), daemon=True).start()
         return None
 
+    def _end_pad_ids(self, request) -> tuple[int, int]:
+        return (int(scalar(pb_utils, request, "end_id", self.end_id)),
+                int(scalar(pb_utils, request, "pad_id", self.pad_id)))
+
     def _llm_request(self, request, ids):
         text_max = scalar(pb_utils, request, "max_tokens")
         if text_max is None:
@@ -47,12 +54,15 @@ class TritonPythonModel:
         max_tokens = int(text_max)
         if not 1 <= max_tokens <= self.max_output_len:
             raise BadRequest(f"max_tokens must be between 1 and {self.max_output_len} (got {max_tokens})")
+        end_id, pad_id = self._end_pad_ids(request)
         tensors = [
             pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", np.array([[len(ids)]], dtype=np.int32)),
             pb_utils.Tensor("request_output_len", np.array([[max_tokens]], dtype=np.int32)),
             pb_utils.Tensor("streaming", np.array([[True]])),
             pb_utils.Tensor("exclude_input_in_output", np.array([[True]])),
+            pb_utils.Tensor("end_id", np.array([[end_id]], dtype=np.int32)),
+            pb_utils.Tensor("pad_id", np.array([[pad_id]], dtype=np.int32)),
         ]
         for name, (target, dtype) in FORWARD.items():
             v = scalar(pb_utils, request, name)
@@ -111,7 +121,7 @@ class TritonPythonModel:
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             return
-        detok = Detokenizer(self.tok, skip_ids=(self.end_id,))
+        detok = Detokenizer(self.tok, skip_ids=(self._end_pad_ids(request)[0],))
         n_out, pieces = 0, []
         responses = llm_request.exec(decoupled=True)
         try:

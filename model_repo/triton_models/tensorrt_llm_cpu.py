@@ -1,13 +1,20 @@
-"""tensorrt_llm on a CPU host: the same tensors as TensorRT-LLM's `tensorrtllm` backend, served by
-the CPU engine (onnxruntime-genai continuous batching). Decoupled: a streaming request gets one
-response per UTF-8-complete chunk of new tokens; a cancelled request stops generating at once."""
+"""tensorrt_llm on a CPU host: the same config, tensors and strictness as TensorRT-LLM's C++
+`tensorrtllm` backend (model_repo.backend_contract), served by the CPU engine. Decoupled: a
+streaming request gets one response per UTF-8-complete chunk of new tokens; a cancelled request
+stops generating at once.
 
+Strict where the C++ backend is strict: a config that breaks the contract fails the model load, and
+there is no default end id (a request without `end_id` runs to `request_output_len`, as the C++
+backend's -1 does)."""
+
+import json
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from build_engine.runtime import CpuEngine, Sampling
+from model_repo import backend_contract
 from model_repo.triton_models.common import BadRequest, from_words_list, params, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -15,9 +22,12 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        problems = backend_contract.check(json.loads(args["model_config"]))
+        if problems:  # where the C++ backend fails its model load
+            raise RuntimeError("tensorrt_llm config breaks the tensorrtllm backend contract: " + "; ".join(problems))
         p = params(args)
-        self.engine = CpuEngine(p["engine_dir"])
-        self.exclude_input_default = p.get("exclude_input_in_output", "true").lower() == "true"
+        self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER])
+        self.exclude_input_default = p.get("exclude_input_in_output", "false") in ("True", "true", "TRUE", "1")
         self.max_output_len = self.engine.context_length
         self.live = {}  # request id -> engine stream, for stop requests
 
@@ -28,8 +38,6 @@ class TritonPythonModel:
         for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             if float(val(name, neutral)) != neutral:
                 raise BadRequest(f"{name} is not supported by the CPU engine")
-        if val("return_log_probs", False):
-            raise BadRequest("return_log_probs is not supported by the CPU engine")
         bad = pb_utils.get_input_tensor_by_name(request, "bad_words_list")
         if bad is not None and from_words_list(bad.as_numpy().reshape(2, -1)):
             raise BadRequest("bad_words are not supported by the CPU engine")
@@ -37,21 +45,36 @@ class TritonPythonModel:
         stops = []
         if stop_ids is not None:
             stops = [self.engine.tokenizer.decode(w) for w in from_words_list(stop_ids.as_numpy().reshape(2, -1))]
-        end_id = int(val("end_id", self.engine.end_id))
         max_tokens = val("request_output_len")
         if max_tokens is None:
-            raise BadRequest("request_output_len (max_tokens) is required")
+            raise BadRequest("request_output_len is not present in the request")
+        max_tokens, min_tokens = int(max_tokens), int(val("min_tokens", 0))
+        end_id = val("end_id")
+        if end_id is None:
+            # TensorRT-LLM uses end id -1 (never stops); the engine's own end id is masked instead.
+            min_tokens = max_tokens
         try:
             return Sampling(
-                max_tokens=int(max_tokens), temperature=float(val("temperature", 0.0)),
+                max_tokens=max_tokens, temperature=float(val("temperature", 0.0)),
                 top_k=int(val("runtime_top_k", 0)), top_p=float(val("runtime_top_p", 1.0)),
-                min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
+                min_tokens=min_tokens, repetition_penalty=float(val("repetition_penalty", 1.0)),
                 seed=None if val("seed") is None else int(val("seed")),
                 stop=tuple(s for s in stops if s),
-                stop_token_ids=() if end_id == self.engine.end_id else (end_id,),
+                stop_token_ids=() if end_id in (None, self.engine.end_id) else (int(end_id),),
             )
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    @staticmethod
+    def _input_ids(request):
+        t = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if t is None:
+            raise BadRequest("input_ids is required")
+        ids = t.as_numpy()  # [batch, len]
+        if ids.shape[0] != 1:
+            raise BadRequest(f"the CPU engine serves one sequence per request (input_ids has batch {ids.shape[0]})")
+        # With batch 1 the C++ backend uses all of input_ids and does not read input_lengths.
+        return ids.reshape(-1)
 
     def execute(self, requests):
         for request in requests:
@@ -70,16 +93,17 @@ class TritonPythonModel:
         rid = request.request_id()
         if scalar(pb_utils, request, "stop", False):
             # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
+            if not rid:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "Trying to stop a request but request ID is not provided")), flags=FINAL)
+                return
             target = self.live.get(rid)
             if target is not None:
                 target.close()
             sender.send(flags=FINAL)
             return
         try:
-            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
-            lengths = pb_utils.get_input_tensor_by_name(request, "input_lengths")
-            if lengths is not None:
-                ids = ids[: int(lengths.as_numpy().reshape(-1)[0])]
+            ids = self._input_ids(request)
             streaming = bool(scalar(pb_utils, request, "streaming", False))
             exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
             sampling = self._sampling(request, len(ids))

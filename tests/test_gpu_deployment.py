@@ -1,0 +1,285 @@
+"""The GPU deployment as data: the trtllm-build step, the tensorrt_llm config against the C++
+backend's contract, the serving command, the container image, and the README's GPU workflow.
+
+TensorRT-LLM cannot run here. Where a GPU tool is needed, a stand-in executable on PATH takes its
+place (`trtllm-build`, `nvidia-smi`, `tritonserver`): the project's own code runs for real around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from build_engine import UserError, container, manifest, presets, trtllm
+from model_repo import backend_contract
+from model_repo.config import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(path: Path, body: str) -> None:
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def gpu_tools(tmp_path, monkeypatch):
+    """Stand-ins for the GPU host's tools. `trtllm-build` writes an engine folder the way the real one
+    lays it out (config.json + rank0.engine) and fails when TRTLLM_BUILD_FAIL is set; `tritonserver`
+    records its argv."""
+    bin_dir = tmp_path / "gpu-bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "nvidia-smi", "print('GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)')\n")
+    _script(bin_dir / "trtllm-build", """import os, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+print("[TensorRT-LLM] building", args["--checkpoint_dir"], flush=True)
+if os.environ.get("TRTLLM_BUILD_FAIL"):
+    print("[TensorRT-LLM][ERROR] out of memory while building", flush=True)
+    sys.exit(3)
+out = args["--output_dir"]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "config.json"), "w").write('{"build_config": {}}')
+open(os.path.join(out, "rank0.engine"), "wb").write(b"engine")
+""")
+    _script(bin_dir / "tritonserver", """import json, os, sys
+open(os.environ["TRITONSERVER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
+""")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(trtllm, "tensorrt_llm_version", lambda: "1.2.1")
+    return bin_dir
+
+
+@pytest.fixture
+def gpu_engine(gpu_tools, tiny_ckpt, tmp_path):
+    trtllm.build(tiny_ckpt, tmp_path / "engine-gpu")
+    return tmp_path / "engine-gpu"
+
+
+@pytest.fixture
+def gpu_repo(gpu_engine, tmp_path):
+    from model_repo.generate import generate
+
+    return generate(gpu_engine, tmp_path / "repo")
+
+
+# -- trtllm-build --------------------------------------------------------------------------------
+
+def test_gpu_build_publishes_the_engine_with_its_manifest(gpu_engine, tiny_ckpt):
+    m = manifest.read(gpu_engine, "trtllm-engine")
+    assert (gpu_engine / "rank0.engine").read_bytes() == b"engine"
+    assert m["tensorrt_llm"] == "1.2.1" and m["image"] == container.DEFAULT_IMAGE and m["world_size"] == 1
+    # The sliding window reaches the runtime from the model's own config, not from a preset.
+    assert m["runtime"]["max_attention_window_size"] == manifest.read(tiny_ckpt)["model"]["sliding_window"] == 64
+    assert m["command"][m["command"].index("--output_dir") + 1] == str(gpu_engine)
+    assert m["files"]["rank0.engine"]["sha256"] and (gpu_engine / "tokenizer" / "tokenizer.model").is_file()
+    assert manifest.verify_files(gpu_engine) == []
+
+
+def test_failed_trtllm_build_is_a_clear_error_and_leaves_no_folder(gpu_tools, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTLLM_BUILD_FAIL", "1")
+    with pytest.raises(UserError, match=r"(?s)exit code 3.*out of memory while building"):
+        trtllm.build(tiny_ckpt, tmp_path / "engine-gpu")
+    assert not (tmp_path / "engine-gpu").exists() and not list(tmp_path.glob(".engine-gpu.partial-*"))
+
+
+def test_tensorrt_llm_outside_1_2_is_refused(gpu_tools, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(trtllm, "tensorrt_llm_version", lambda: "1.1.0")
+    with pytest.raises(UserError, match=r"TensorRT-LLM 1\.1\.0 is installed.*1\.2\.x"):
+        trtllm.build(tiny_ckpt, tmp_path / "engine-gpu")
+
+
+# -- the tensorrt_llm config against the C++ backend's contract ----------------------------------
+
+def test_generated_gpu_config_meets_the_backend_contract(gpu_repo, gpu_engine):
+    cfg = parse((gpu_repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    assert backend_contract.check(cfg) == []
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert cfg.backend == "tensorrtllm" and params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == str(gpu_engine.resolve())
+    assert {params[k] for k in ("xgrammar_tokenizer_info_path", "guided_decoding_backend")} == {""}
+    assert "tokenizer_dir" in params and params["max_attention_window_size"] == "64"
+    by_name = {i.name: i for i in cfg.input}
+    assert by_name["input_lengths"].HasField("reshape") and list(by_name["input_lengths"].reshape.shape) == []
+    assert by_name["input_ids"].allow_ragged_batch and not by_name["input_ids"].HasField("reshape")
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4 * cfg.max_batch_size
+    assert not (gpu_repo / "tensorrt_llm" / "1" / "model.py").exists()
+
+
+def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_engine, tmp_path):
+    from model_repo.generate import generate
+
+    cpu = parse((generate(tiny_engine, tmp_path / "cpu-repo") / "tensorrt_llm" / "config.pbtxt").read_text())
+    gpu = parse((gpu_repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    assert (cpu.backend, gpu.backend) == ("python", "tensorrtllm")
+    assert list(cpu.input) == list(gpu.input) and list(cpu.output) == list(gpu.output)
+    assert set(cpu.parameters) == set(gpu.parameters) and backend_contract.check(cpu) == []
+
+
+@pytest.mark.parametrize("breakage,expected", [
+    ("del cfg.parameters['guided_decoding_backend']", "'guided_decoding_backend' is missing"),
+    ("del cfg.parameters['tokenizer_dir']", "'tokenizer_dir' is missing"),
+    ("del cfg.parameters['xgrammar_tokenizer_info_path']", "'xgrammar_tokenizer_info_path' is missing"),
+    ("cfg.parameters['gpt_model_type'].string_value = '${batching_strategy}'", "gpt_model_type"),
+    ("cfg.input[1].ClearField('reshape')", "'input_lengths' needs reshape"),
+    ("cfg.input[0].allow_ragged_batch = False", "'input_ids' must set allow_ragged_batch"),
+    ("cfg.input[2].optional = True", "'request_output_len' must not be optional"),
+    ("cfg.ClearField('dynamic_batching')", "max_queue_size must bound the queue"),
+    ("cfg.model_transaction_policy.decoupled = False", "decoupled must be true"),
+    ("cfg.parameters['exclude_input_in_output'].string_value = 'yes'", "not a boolean"),
+    ("cfg.output[0].dims[:] = [-1]", "'output_ids' is TYPE_INT32 [-1]"),
+])
+def test_contract_check_names_each_way_a_config_breaks_the_backend(gpu_repo, breakage, expected):
+    cfg = parse((gpu_repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    exec(breakage, {"cfg": cfg})
+    problems = backend_contract.check(cfg)
+    assert any(expected in p for p in problems), problems
+
+
+# -- serving on a GPU host -----------------------------------------------------------------------
+
+def test_gpu_serve_prints_a_docker_line_bound_to_loopback(gpu_repo, gpu_engine, capsys, monkeypatch):
+    from model_repo.__main__ import main
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no tritonserver: outside the container
+    assert main(["serve", "--repo", str(gpu_repo), "--dry-run"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    image_at = argv.index(container.SERVING_IMAGE)
+    docker, server = argv[:image_at], argv[image_at + 1:]
+    assert docker[:2] == ["docker", "run"] and "--gpus" in docker and docker[docker.index("--network") + 1] == "host"
+    mounts = [docker[i + 1] for i, a in enumerate(docker) if a == "-v"]
+    assert f"{gpu_repo.resolve()}:{gpu_repo.resolve()}:ro" in mounts
+    assert f"{gpu_engine.resolve()}:{gpu_engine.resolve()}:ro" in mounts
+    assert server[0] == "tritonserver" and f"--model-repository={gpu_repo.resolve()}" in server
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert f"{flag}=127.0.0.1" in server
+
+
+def test_gpu_serve_inside_the_container_runs_tritonserver_as_printed(gpu_repo, gpu_tools, tmp_path, capsys,
+                                                                    monkeypatch):
+    from model_repo.__main__ import main
+
+    argv_file = tmp_path / "argv.json"
+    monkeypatch.setenv("TRITONSERVER_ARGV_FILE", str(argv_file))
+    assert main(["serve", "--repo", str(gpu_repo), "--host", "10.0.0.5", "--grpc-port", "9001"]) == 0
+    printed = shlex.split(capsys.readouterr().out)
+    assert printed[0] == "tritonserver" and json.loads(argv_file.read_text()) == printed[1:]
+    assert "--grpc-address=10.0.0.5" in printed and "--grpc-port=9001" in printed
+    assert "--metrics-address=10.0.0.5" in printed
+
+
+# -- the container image -------------------------------------------------------------------------
+
+def test_dockerfile_builds_on_the_pinned_image_without_replacing_its_packages():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1) == container.DEFAULT_IMAGE
+    assert container.image(container.DEFAULT_IMAGE).tensorrt_llm == "1.2.1"
+    run = re.search(r"^RUN python3 -m pip list --format=freeze > (\S+).*?\n(?:.*\n)*?.*pip install.*-c \1 "
+                    r"\"/opt/hermes-trtllm\[container\]\"", text, re.M)
+    assert run, "the project must be installed constrained to the container's own package versions"
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"^SERVING_IMAGE := (\S+)$", make, re.M).group(1) == container.SERVING_IMAGE
+
+
+def test_container_extra_lists_only_packages_tensorrt_llm_pins_allow():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = {"transformers": "4.57.3", "nvidia-modelopt": "0.37.0", "datasets": "3.1.0"}
+    for group in ("container", "build"):
+        for req in map(Requirement, extras[group]):
+            if req.name in pinned:
+                assert req.specifier.contains(pinned[req.name]), f"[{group}] {req} refuses TensorRT-LLM 1.2.1's pin"
+    for name, spec in container.TRTLLM_PINS.items():
+        assert SpecifierSet(spec), name
+
+
+def test_container_versions_constraints_follow_tensorrt_llm_pins():
+    from packaging.specifiers import SpecifierSet
+
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints-trtllm.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {k.lower().replace("_", "-"): v for k, v in pins.items()}
+    for name, spec in container.TRTLLM_PINS.items():
+        if name == "torch":  # the CPU build on this machine's disk stands in for the container's CUDA torch
+            continue
+        assert SpecifierSet(spec).contains(pins[name]), f"{name}=={pins[name]} breaks TensorRT-LLM 1.2.1's {spec}"
+
+
+# -- the README's GPU workflow runs as written ---------------------------------------------------
+
+def _gpu_block_lines() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GPU workflow"):]
+    section = section[: section.index("\n## ", 3)]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def _parse_python_line(argv: list[str]):
+    from build_engine.__main__ import parser as build
+    from model_repo.__main__ import parser as repo
+
+    assert argv[0] in ("python", "python3") and argv[1] == "-m", argv
+    parsers = {"build_engine": build, "model_repo": repo}
+    args = parsers[argv[2]]().parse_args(argv[3:])
+    assert getattr(args, "handler", None) is not None, argv
+    return args
+
+
+def test_readme_gpu_workflow_commands_parse_and_chain():
+    lines = _gpu_block_lines()
+    python_lines = [shlex.split(line) for line in lines if line.startswith(("python ", "python3 "))]
+    assert len(python_lines) == 4
+    produced: set[str] = set()
+    for argv in python_lines:
+        args = _parse_python_line(argv)
+        for attr in ("checkpoint", "engine", "repo"):
+            if getattr(args, attr, None):
+                assert getattr(args, attr) in produced, f"{attr} {getattr(args, attr)} is made by no earlier step"
+        if getattr(args, "output", None):
+            produced.add(args.output)
+    # The 7B quantize step takes the preset's name and resolves to its hub id (or GPU_SOURCE's folder).
+    quantize = _parse_python_line(python_lines[0])
+    assert presets.load(quantize.preset).source == "NousResearch/Nous-Hermes-2-Mistral-7B-DPO"
+    assert quantize.model == "nous-hermes-2-mistral-7b-dpo"
+
+
+def test_readme_gpu_make_lines_resolve_to_the_documented_commands(tmp_path):
+    lines = _gpu_block_lines()
+    documented = [line for line in lines if line.startswith(("python ", "python3 "))]
+    make_lines = [shlex.split(line) for line in lines if line.startswith("make ")]
+    assert [m[1] for m in make_lines] == ["gpu-image", "gpu-quantize", "gpu-engine", "gpu-repo", "gpu-serve"]
+    run = lambda argv: subprocess.run(["make", "-n", "--no-print-directory", *argv[1:]], cwd=ROOT,  # noqa: E731
+                                      capture_output=True, text=True, check=True).stdout.splitlines()
+    assert run(make_lines[0]) == [f"docker build -t {container.SERVING_IMAGE} ."]
+    # `make -n gpu-serve` on a fresh checkout shows every step it would run, in order.
+    assert run(make_lines[-1]) == documented
+    for argv, n in zip(make_lines[1:], (1, 2, 3, 4)):
+        assert run(argv) == documented[:n], argv
+    docker_runs = [shlex.split(line) for line in lines if line.startswith("docker run")]
+    assert docker_runs and container.SERVING_IMAGE in docker_runs[0] and "--gpus" in docker_runs[0]
+
+
+def test_quantize_resolves_the_preset_name_to_its_hub_id(monkeypatch):
+    from build_engine import sources
+
+    seen = []
+    monkeypatch.setattr(sources, "_from_hub", lambda repo_id: seen.append(repo_id) or "resolved")
+    assert sources.resolve("nous-hermes-2-mistral-7b-dpo") == "resolved"
+    assert seen == ["NousResearch/Nous-Hermes-2-Mistral-7B-DPO"]
