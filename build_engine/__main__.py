@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from build_engine import cli, presets
+from build_engine import calibration, cli, presets
 
 EXAMPLES = """examples:
   python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--algorithm", choices=("awq_lite", "awq_full"))
     g = s.add_mutually_exclusive_group()
     g.add_argument("--calib-text", help="a UTF-8 text file to calibrate on (documents split by blank lines)")
-    g.add_argument("--calib-dataset", choices=("pydoc", "cnn_dailymail", "pileval"))
+    g.add_argument("--calib-dataset", choices=calibration.DATASETS)
     s.add_argument("--calib-size", type=int, help="number of calibration samples")
     s.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample")
     s.add_argument("--seed", type=int, default=0)

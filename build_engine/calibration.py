@@ -7,12 +7,12 @@ TensorRT-LLM's own recipe uses cnn_dailymail 3.0.0 articles or pile-val; both ar
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
 from build_engine import UserError
 
-DATASETS = ("pydoc", "cnn_dailymail", "pileval")
 
 
 def pydoc_text(held_out: bool = False) -> str:
@@ -24,17 +24,22 @@ def pydoc_text(held_out: bool = False) -> str:
     return "\n\n".join(topics[k] for k in keys)
 
 
-# Hub ids as the pinned nvidia-modelopt names them (modelopt/torch/utils/dataset_utils.py), with the
-# text field of each record. Only a slice of a split is read, never the whole split.
+# Hub ids and text fields of the online calibration sets. cnn_dailymail is TensorRT-LLM's AWQ recipe
+# (32 articles x 512 tokens); `abisee/cnn_dailymail` is the id modelopt 0.47 uses (0.37 still says
+# `cnn_dailymail`, the hub's redirect to it).
 HUB_DATASETS = {
     "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", "train", "article"),
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
 }
+DOCS_PER_SAMPLE = 4  # documents read per calibration sample: short ones may not fill a window
+
+
+DATASETS = ("pydoc", *HUB_DATASETS)
 
 
 def load_text(dataset: str | None = None, text_file: str | Path | None = None, samples: int = 32) -> list[str]:
     """Documents to calibrate on, from a file (documents separated by blank lines) or a dataset.
-    For a hub dataset, `samples` documents are read (a split slice)."""
+    For a hub dataset, the first `samples` x DOCS_PER_SAMPLE documents of the split are streamed."""
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
@@ -55,8 +60,9 @@ def load_text(dataset: str | None = None, text_file: str | Path | None = None, s
         raise UserError(f"calibration dataset {dataset} needs `pip install datasets`, or use --calib-text FILE") from None
     hub_id, config, split, field = HUB_DATASETS[dataset]
     try:
-        ds = datasets.load_dataset(hub_id, config, split=f"{split}[:{samples}]")
-        return [r[field] for r in ds]
+        # Streamed: only the documents read are downloaded, never the whole split.
+        ds = datasets.load_dataset(hub_id, config, split=split, streaming=True)
+        return [r[field] for r in itertools.islice(ds, samples * DOCS_PER_SAMPLE)]
     except Exception as e:
         raise UserError(f"cannot load calibration dataset {hub_id} ({type(e).__name__}: offline?); "
                         "use --calib-text FILE or --calib-dataset pydoc") from None

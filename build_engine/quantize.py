@@ -62,7 +62,7 @@ def check_group_size(model, group_size: int) -> None:
 def awq_config(group_size: int, algorithm: str) -> dict:
     """ModelOpt's INT4_AWQ_CFG with our group size and algorithm. Its `quant_cfg` is a dict of
     pattern -> settings in modelopt 0.37 (TensorRT-LLM 1.2.1's container) and a list of
-    {"quantizer_path", "cfg"} entries in 0.47 (our CPU pins); both are handled."""
+    {"quantizer_name", "cfg"} entries in 0.47 (our CPU pins); both are handled."""
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
@@ -101,8 +101,12 @@ def load_model(path: Path):
     return model, tok
 
 
-def calibration_batches(tokenizer, settings: QuantizeSettings) -> list[list[int]]:
-    docs = calibration.load_text(settings.calib_dataset, settings.calib_text, settings.calib_size)
+def calibration_text(settings: QuantizeSettings) -> list[str]:
+    return calibration.load_text(settings.calib_dataset, settings.calib_text, settings.calib_size)
+
+
+def calibration_batches(tokenizer, settings: QuantizeSettings, docs: list[str] | None = None) -> list[list[int]]:
+    docs = calibration_text(settings) if docs is None else docs
     return calibration.token_batches(tokenizer, docs, settings.calib_size, settings.calib_seq_len, settings.seed)
 
 
@@ -147,6 +151,24 @@ def export(model, export_dir: Path) -> None:
                                    export_dir=str(export_dir), inference_tensor_parallel=1)
 
 
+# Runs of spaces are left out: transformers 5 splits them unlike SentencePiece (which 4.57 matches),
+# and differently again when the folder also holds the model's config.json.
+PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo — 東京? 🌊 Bye.\n"}]
+
+
+def check_tokenizer_copy(folder: Path, source_tokenizer) -> None:
+    """The artifact's tokenizer must load on its own and give the source's ids."""
+    def ids(t):
+        if t.chat_template:
+            return t.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        return t(PROBE_CHAT[1]["content"])["input_ids"]
+
+    copied = load_tokenizer(folder)
+    if ids(copied) != ids(source_tokenizer) or len(copied) != len(source_tokenizer):
+        raise UserError(f"the tokenizer files copied to {folder} do not reproduce the source's ids "
+                        "(does its tokenizer_config.json name a tokenizer_class?)")
+
+
 def model_facts(hf_config, tokenizer) -> dict:
     """What downstream steps need to know about the model that the TRT-LLM config does not carry."""
     end_id = tokenizer.convert_tokens_to_ids(sources.IM_END)
@@ -166,10 +188,11 @@ def model_facts(hf_config, tokenizer) -> dict:
 
 def run(model: str, output: Path, progress_log=print, preset: str | None = None, **overrides) -> Path:
     settings, preset = default_settings(model, preset, **overrides)
-    src = sources.resolve(model)
     t0 = time.perf_counter()
-    # The calibration text first: an offline hub fails in seconds, not after loading a 7B model.
-    batches = calibration_batches(load_tokenizer(src.path), settings)
+    # The calibration text first: an offline hub fails in seconds, not after downloading a 7B model.
+    docs = calibration_text(settings)
+    src = sources.resolve(model)
+    batches = calibration_batches(load_tokenizer(src.path), settings, docs)
     hf_model, tok = load_model(src.path)
     facts = model_facts(hf_model.config, tok)
     quantize_model(hf_model, tok, settings, batches)
@@ -180,6 +203,7 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
         export(hf_model, tmp)
         checkpoint.validate(tmp, real_vocab=facts["vocab_size"])
         sources.copy_tokenizer(src.path, tmp / "tokenizer")
+        check_tokenizer_copy(tmp / "tokenizer", tok)
         manifest.write(
             tmp, CHECKPOINT_KIND,
             source={"model": src.name, "kind": src.kind, "path": str(src.path), "revision": src.revision,

@@ -7,13 +7,15 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from build_engine import UserError
 
 BUILTINS = ("tiny-hermes", "smollm2-135m-instruct")
+# Bumped whenever the built-ins' files change (2: tokenizers portable to transformers 4.57), so that a
+# cache written by older code is rebuilt rather than copied into new artifacts.
+BUILTIN_REVISION, BUILTIN_STAMP = "2", ".hermes-builtin"
 
 IM_END, IM_START = "<|im_end|>", "<|im_start|>"
 # The model's current ChatML template: BOS, then each message, then the generation prompt.
@@ -67,8 +69,9 @@ def resolve(model: str, cache: Path | None = None) -> ModelSource:
     """Turn a model argument into a local HF folder, materializing built-ins on first use."""
     if model in BUILTINS:
         dest = (cache or cache_dir()) / "models" / model
-        if not (dest / "config.json").is_file():
-            prepare(model, dest)
+        stamp = dest / BUILTIN_STAMP
+        if not stamp.is_file() or stamp.read_text().strip() != BUILTIN_REVISION:
+            prepare(model, dest)  # first use, or a cache written by an older revision of this code
         return ModelSource(model, dest, "builtin")
     path = Path(model).expanduser()
     if path.exists():
@@ -117,15 +120,11 @@ def prepare(name: str, dest: Path) -> Path:
     """Write built-in model `name` as an HF folder at `dest` (atomically: a temp folder renamed)."""
     if name not in BUILTINS:
         raise UserError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    from build_engine import manifest
+
+    with manifest.staging(dest) as tmp:
         (_write_tiny_hermes if name == "tiny-hermes" else _write_smollm2)(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / BUILTIN_STAMP).write_text(BUILTIN_REVISION + "\n")
     return dest
 
 
@@ -242,8 +241,8 @@ def _write_smollm2(folder: Path) -> None:
 
 def make_tokenizer_portable(folder: Path, tokenizer_class: str) -> None:
     """A tokenizer_config.json that transformers 4.57 (TensorRT-LLM 1.2.1) and 5 both load to the same
-    ids: a class both know (5 writes `TokenizersBackend`, unknown to 4.57), no list-form
-    `extra_special_tokens` (4.57 expects a dict) and none of 5's loader-only keys."""
+    ids, whichever of them wrote it: a class both know (5 writes `TokenizersBackend`, unknown to
+    4.57), no list-form `extra_special_tokens` (4.57 expects a dict), none of 5's loader-only keys."""
     path = Path(folder) / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = tokenizer_class
@@ -251,4 +250,6 @@ def make_tokenizer_portable(folder: Path, tokenizer_class: str) -> None:
         cfg.pop(key, None)
     if isinstance(cfg.get("extra_special_tokens"), list):
         del cfg["extra_special_tokens"]
+    # 4.57 writes unset options as null (add_prefix_space), which 5's GPT2Tokenizer refuses.
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -7,6 +7,7 @@ Triton TRT-LLM container, build_engine.container).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,7 +64,7 @@ def _run_logged(cmd: list[str]) -> tuple[int, list[str]]:
     import sys
 
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
         for line in proc.stdout:
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
@@ -100,9 +101,9 @@ def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.Engin
         manifest.write(tmp, ENGINE_KIND,
                        checkpoint={"path": str(ckpt.resolve()), "files": ck_manifest["files"]},
                        preset=preset.name if preset else None, command=cmd, image=image,
+                       # What the build really ran in: NVIDIA's containers set NVIDIA_TRITON_SERVER_VERSION.
+                       container_release=os.environ.get("NVIDIA_TRITON_SERVER_VERSION"),
                        tensorrt_llm=version, world_size=1,
-                       # Mistral's sliding window is a runtime setting of the engine, from the model's own config.
-                       runtime={"max_attention_window_size": facts.get("sliding_window"),
-                                "kv_cache_free_gpu_mem_fraction": limits.kv_cache_free_gpu_mem_fraction},
+                       runtime={"kv_cache_free_gpu_mem_fraction": limits.kv_cache_free_gpu_mem_fraction},
                        model=facts, limits=vars(limits))
     return cmd

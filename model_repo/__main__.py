@@ -54,7 +54,7 @@ def _serve_gpu(repo: Path, ports, args) -> int:
 
     from model_repo.server import gpu_command
 
-    inside = shutil.which("tritonserver") is not None and not args.dry_run
+    inside = shutil.which("tritonserver") is not None  # the serving image runs it directly
     cmd = gpu_command(repo, args.host, ports, args.image, inside_container=inside)
     print(shlex.join(cmd), flush=True)
     if args.dry_run:

@@ -34,7 +34,8 @@ MODEL_PATH_PARAMETER = "gpt_model_path"
 GUIDED_DECODING_OFF = {"xgrammar_tokenizer_info_path": "", "guided_decoding_backend": ""}
 # GetParameter<bool> accepts only these spellings, else "Cannot convert X to a boolean." (MS); inside
 # the backend's try blocks a bad spelling silently becomes the default, so we refuse it here.
-BOOL_SPELLINGS = ("True", "true", "TRUE", "1", "False", "false", "FALSE", "0")
+TRUE_SPELLINGS, FALSE_SPELLINGS = ("True", "true", "TRUE", "1"), ("False", "false", "FALSE", "0")
+BOOL_SPELLINGS = TRUE_SPELLINGS + FALSE_SPELLINGS
 BOOL_PARAMETERS = ("exclude_input_in_output", "enable_chunked_context", "enable_kv_cache_reuse",
                    "normalize_log_probs", "kv_cache_onboard_blocks", "multi_block_mode",
                    "enable_context_fmha_fp32_acc", "cuda_graph_mode")

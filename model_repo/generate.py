@@ -40,7 +40,8 @@ QUEUE_PER_BATCH_SLOT = 4  # default bound on the tensorrt_llm queue: 4 x max_bat
 def llm_parameters(eng: dict, engine_dir: Path) -> dict[str, str]:
     """The tensorrt_llm model's parameters: the same keys for the GPU backend and the CPU stand-in."""
     runtime = eng.get("runtime", {})
-    window = runtime.get("max_attention_window_size") or eng["model"].get("sliding_window")
+    # Mistral's sliding window is a runtime setting of the TensorRT-LLM engine: the model's own config.
+    window = eng["model"].get("sliding_window")
     return {
         "gpt_model_type": "inflight_fused_batching", "gpt_model_path": str(engine_dir),
         # Read without a default by the 1.2 backend; empty values keep guided decoding off.

@@ -139,13 +139,19 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = "\n".join(self.log_lines[-15:])
-                raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading:\n{tail}")
+                if self._log_thread:
+                    self._log_thread.join(timeout=5)
+                raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading:\n"
+                                + "\n".join(self.load_errors() or self.log_lines[-15:]))
             if self.ready():
                 return self
             time.sleep(0.25)
         self.stop()
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def load_errors(self) -> list[str]:
+        """The server's error lines (a model that failed to load says why here)."""
+        return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit()]
 
     def _pump(self, echo: bool) -> None:
         assert self.proc and self.proc.stdout
@@ -196,10 +202,13 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
     from build_engine import manifest
 
     repo = Path(repo).resolve()
+    engine = Path(manifest.read(repo, "triton-repository")["engine"]["path"])
+    if not (engine / "manifest.json").is_file():
+        raise UserError(f"the engine {engine} that {repo} serves is not there: run serve where the repository "
+                        "was generated (paths are recorded as they were), or regenerate it")
     args = ["tritonserver", *tritonserver_args(repo, host, ports)]
     if inside_container:
         return args
-    engine = Path(manifest.read(repo, "triton-repository")["engine"]["path"])
     mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]
     return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host", "--shm-size=2g",
             *mounts, image, *args]

@@ -76,8 +76,7 @@ def test_gpu_build_publishes_the_engine_with_its_manifest(gpu_engine, tiny_ckpt)
     m = manifest.read(gpu_engine, "trtllm-engine")
     assert (gpu_engine / "rank0.engine").read_bytes() == b"engine"
     assert m["tensorrt_llm"] == "1.2.1" and m["image"] == container.DEFAULT_IMAGE and m["world_size"] == 1
-    # The sliding window reaches the runtime from the model's own config, not from a preset.
-    assert m["runtime"]["max_attention_window_size"] == manifest.read(tiny_ckpt)["model"]["sliding_window"] == 64
+    assert m["model"] == manifest.read(tiny_ckpt)["model"] and m["container_release"] is None  # not in a container
     assert m["command"][m["command"].index("--output_dir") + 1] == str(gpu_engine)
     assert m["files"]["rank0.engine"]["sha256"] and (gpu_engine / "tokenizer" / "tokenizer.model").is_file()
     assert manifest.verify_files(gpu_engine) == []
@@ -111,6 +110,23 @@ def test_generated_gpu_config_meets_the_backend_contract(gpu_repo, gpu_engine):
     assert by_name["input_ids"].allow_ragged_batch and not by_name["input_ids"].HasField("reshape")
     assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4 * cfg.max_batch_size
     assert not (gpu_repo / "tensorrt_llm" / "1" / "model.py").exists()
+
+
+def test_backend_contract_states_the_upstream_facts():
+    """Hand-copied from TensorRT-LLM 1.2's tensorrt_llm/config.pbtxt and model_instance_state.cc (see
+    backend_contract's docstring), independently of the contract's own tables."""
+    inputs = {t.name: t for t in backend_contract.INPUTS}
+    assert (inputs["input_ids"].dtype, inputs["input_ids"].dims, inputs["input_ids"].ragged,
+            inputs["input_ids"].optional, inputs["input_ids"].scalar) == ("TYPE_INT32", (-1,), True, True, False)
+    assert [n for n, t in inputs.items() if not t.optional] == ["input_lengths", "request_output_len"]
+    assert (inputs["stop_words_list"].dims, inputs["stop_words_list"].ragged) == ((2, -1), True)
+    assert (inputs["seed"].dtype, inputs["seed"].scalar) == ("TYPE_UINT64", True)
+    assert all(inputs[n].scalar for n in ("end_id", "pad_id", "runtime_top_k", "runtime_top_p", "temperature",
+                                          "streaming", "stop", "min_tokens", "exclude_input_in_output"))
+    outputs = {t.name: (t.dtype, t.dims) for t in backend_contract.OUTPUTS}
+    assert outputs == {"output_ids": ("TYPE_INT32", (-1, -1)), "sequence_length": ("TYPE_INT32", (-1,))}
+    assert set(backend_contract.REQUIRED_PARAMETERS) == {"gpt_model_type", "tokenizer_dir",
+                                                         "xgrammar_tokenizer_info_path", "guided_decoding_backend"}
 
 
 def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_engine, tmp_path):
@@ -160,6 +176,18 @@ def test_gpu_serve_prints_a_docker_line_bound_to_loopback(gpu_repo, gpu_engine, 
     assert server[0] == "tritonserver" and f"--model-repository={gpu_repo.resolve()}" in server
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in server
+
+
+def test_gpu_serve_of_a_repository_whose_engine_is_gone_is_a_clear_error(gpu_repo, gpu_engine, capsys, monkeypatch):
+    import shutil
+
+    from model_repo.__main__ import main
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    shutil.rmtree(gpu_engine)
+    assert main(["serve", "--repo", str(gpu_repo), "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(gpu_engine.resolve()) in err and "regenerate" in err and "\n" not in err
 
 
 def test_gpu_serve_inside_the_container_runs_tritonserver_as_printed(gpu_repo, gpu_tools, tmp_path, capsys,
@@ -265,9 +293,14 @@ def test_readme_gpu_make_lines_resolve_to_the_documented_commands(tmp_path):
     documented = [line for line in lines if line.startswith(("python ", "python3 "))]
     make_lines = [shlex.split(line) for line in lines if line.startswith("make ")]
     assert [m[1] for m in make_lines] == ["gpu-image", "gpu-quantize", "gpu-engine", "gpu-repo", "gpu-serve"]
-    run = lambda argv: subprocess.run(["make", "-n", "--no-print-directory", *argv[1:]], cwd=ROOT,  # noqa: E731
-                                      capture_output=True, text=True, check=True).stdout.splitlines()
-    assert run(make_lines[0]) == [f"docker build -t {container.SERVING_IMAGE} ."]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_") and k != "ARTIFACTS"}
+    fresh = tmp_path / "artifacts"  # a fresh checkout: nothing built yet
+    run = lambda argv: [  # noqa: E731
+        line.replace(f"{fresh}/", "artifacts/") for line in subprocess.run(
+            ["make", "-n", "--no-print-directory", *argv[1:], f"ARTIFACTS={fresh}"], cwd=ROOT, env=env,
+            capture_output=True, text=True, check=True).stdout.splitlines()]
+    base = presets.load("nous-hermes-2-mistral-7b-dpo").triton_image
+    assert run(make_lines[0]) == [f"docker build --build-arg BASE_IMAGE={base} -t {container.SERVING_IMAGE} ."]
     # `make -n gpu-serve` on a fresh checkout shows every step it would run, in order.
     assert run(make_lines[-1]) == documented
     for argv, n in zip(make_lines[1:], (1, 2, 3, 4)):

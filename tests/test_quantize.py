@@ -205,29 +205,40 @@ def test_calibration_text_file_is_used(tiny_model, tmp_path):
     assert "document" in tok.decode(batches[0])
 
 
-def test_hub_calibration_reads_a_split_slice_of_the_id_modelopt_uses(monkeypatch):
-    """cnn_dailymail as TensorRT-LLM's recipe calibrates on it: modelopt's hub id, and only the samples
-    asked for (a split slice), never the whole split."""
+def test_hub_calibration_streams_only_the_documents_it_needs_from_modelopts_id(monkeypatch):
+    """cnn_dailymail as TensorRT-LLM's recipe calibrates on it: modelopt's hub id, streamed, and only
+    the documents needed read (never the whole split downloaded)."""
+    import itertools
+
     import datasets
 
     from build_engine import calibration
 
-    calls = []
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda *a, **k: calls.append((a, k)) or [{"article": f"story {i}"} for i in range(3)])
-    assert calibration.load_text("cnn_dailymail", samples=3) == ["story 0", "story 1", "story 2"]
-    assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"split": "train[:3]"})]
+    calls, served = [], itertools.count()
+
+    def load_dataset(*a, **k):
+        calls.append((a, k))
+        return ({"article": f"story {next(served)}"} for _ in itertools.count())  # an endless stream
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    docs = calibration.load_text("cnn_dailymail", samples=3)
+    assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"split": "train", "streaming": True})]
+    assert docs == [f"story {i}" for i in range(3 * calibration.DOCS_PER_SAMPLE)]
 
 
-def test_offline_calibration_dataset_fails_before_the_model_is_loaded(capsys, tiny_model, tmp_path, monkeypatch):
-    import datasets.config
+def test_unreachable_calibration_dataset_fails_before_the_model_is_fetched(capsys, tmp_path, monkeypatch):
+    import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(quantize, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
-    code, err = _run_cli(capsys, "quantize", "--model", str(tiny_model), "--calib-dataset", "cnn_dailymail",
-                         "--output", str(tmp_path / "ckpt"))
+    from build_engine import sources
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'abisee/cnn_dailymail' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(sources, "resolve", lambda *a, **k: pytest.fail("the model was fetched first"))
+    code, err = _run_cli(capsys, "quantize", "--model", "nous-hermes-2-mistral-7b-dpo", "--output", str(tmp_path / "c"))
     assert code == 1 and "abisee/cnn_dailymail" in err and "--calib-text" in err and "\n" not in err
-    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "c").exists()
 
 
 def test_awq_config_sets_the_group_size_in_either_modelopt_form(monkeypatch):

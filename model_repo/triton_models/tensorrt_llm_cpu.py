@@ -18,6 +18,7 @@ from model_repo import backend_contract
 from model_repo.triton_models.common import BadRequest, from_words_list, params, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
 
 
 class TritonPythonModel:
@@ -27,7 +28,7 @@ class TritonPythonModel:
             raise RuntimeError("tensorrt_llm config breaks the tensorrtllm backend contract: " + "; ".join(problems))
         p = params(args)
         self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER])
-        self.exclude_input_default = p.get("exclude_input_in_output", "false") in ("True", "true", "TRUE", "1")
+        self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.max_output_len = self.engine.context_length
         self.live = {}  # request id -> engine stream, for stop requests
 
@@ -49,9 +50,10 @@ class TritonPythonModel:
         if max_tokens is None:
             raise BadRequest("request_output_len is not present in the request")
         max_tokens, min_tokens = int(max_tokens), int(val("min_tokens", 0))
-        end_id = val("end_id")
-        if end_id is None:
-            # TensorRT-LLM uses end id -1 (never stops); the engine's own end id is masked instead.
+        end_id = None if val("end_id") is None else int(val("end_id"))
+        if end_id != self.engine.end_id:
+            # TensorRT-LLM stops only on the end id it is sent (none: -1, never): the engine's own end
+            # id is masked, and a different one sent is a stop token.
             min_tokens = max_tokens
         try:
             return Sampling(
@@ -60,7 +62,7 @@ class TritonPythonModel:
                 min_tokens=min_tokens, repetition_penalty=float(val("repetition_penalty", 1.0)),
                 seed=None if val("seed") is None else int(val("seed")),
                 stop=tuple(s for s in stops if s),
-                stop_token_ids=() if end_id in (None, self.engine.end_id) else (int(end_id),),
+                stop_token_ids=() if end_id in (None, self.engine.end_id) else (end_id,),
             )
         except ValueError as e:
             raise BadRequest(str(e)) from None
@@ -103,6 +105,9 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
         try:
+            missing = [n for n in REQUIRED_OUTPUTS if n not in request.requested_output_names()]
+            if missing:  # as the C++ backend's fillTritonResponse
+                raise BadRequest(f"{missing[0]} tensor must be present in list of output tensors")
             ids = self._input_ids(request)
             streaming = bool(scalar(pb_utils, request, "streaming", False))
             exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
