@@ -195,6 +195,9 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
     batches = calibration_batches(load_tokenizer(src.path), settings, docs)
     hf_model, tok = load_model(src.path)
     facts = model_facts(hf_model.config, tok)
+    # The name the model is served under (OpenAI's `model`): the hub id or built-in name it came from.
+    facts["name"] = preset.source if preset and src.kind == "local" else (
+        src.name if src.kind != "local" else Path(src.name).name)
     quantize_model(hf_model, tok, settings, batches)
     calib_s = time.perf_counter() - t0
 

@@ -1,5 +1,6 @@
 """Client and AsyncClient over Triton gRPC streaming (tritonclient), plus an HTTP `generate_stream`
-(SSE) transport behind the same interface for environments without gRPC.
+(SSE) transport behind the same interface for environments without gRPC. A request is built once
+(`request_fields`) for every transport, and every transport returns the same `Stream`.
 
     with Client("127.0.0.1:8001") as c:
         with c.stream([Message("user", "Hi")], max_tokens=32) as s:
@@ -27,7 +28,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from client.chatml import format_chatml
-from client.errors import ClientError, UnavailableError, error_from_grpc
+from client.errors import ClientError, DeadlineExceededError, UnavailableError, error_from_grpc
 from client.types import Chunk, Completion, Message, SamplingParams
 
 DEFAULT_MODEL = "tensorrt_llm_bls"
@@ -46,44 +47,68 @@ def _messages(messages: Iterable[Message | dict] | str) -> str:
     return format_chatml(messages, add_generation_prompt=True)
 
 
-def _grpc_inputs(prompt: str, p: SamplingParams, stream: bool):
-    import tritonclient.grpc as g
-
-    def tensor(name, dtype, value):
-        t = g.InferInput(name, [1, 1] if dtype != "BYTES" or name == "text_input" else [1, len(value)], dtype)
-        arr = np.array([[value]], dtype=object if dtype == "BYTES" else None) if name == "text_input" else None
-        if arr is None:
-            np_dtype = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}.get(dtype)
-            arr = (np.array([[s.encode() for s in value]], dtype=object) if dtype == "BYTES"
-                   else np.array([[value]], dtype=np_dtype))
-        t.set_data_from_numpy(arr)
-        return t
-
-    inputs = [tensor("text_input", "BYTES", prompt.encode("utf-8")), tensor("max_tokens", "INT32", p.max_tokens),
-              tensor("stream", "BOOL", stream), tensor("temperature", "FP32", p.temperature),
-              tensor("top_p", "FP32", p.top_p), tensor("top_k", "INT32", p.top_k),
-              tensor("repetition_penalty", "FP32", p.repetition_penalty)]
+def request_fields(prompt: str, p: SamplingParams, stream: bool = True) -> dict[str, tuple[str, object]]:
+    """The request, once for every transport: input name -> (Triton datatype, value). Optional fields
+    are sent only when they differ from the model's neutral default."""
+    fields: dict[str, tuple[str, object]] = {
+        "text_input": ("BYTES", prompt), "max_tokens": ("INT32", p.max_tokens), "stream": ("BOOL", stream),
+        "temperature": ("FP32", p.temperature), "top_p": ("FP32", p.top_p), "top_k": ("INT32", p.top_k),
+        "repetition_penalty": ("FP32", p.repetition_penalty),
+    }
     if p.presence_penalty:
-        inputs.append(tensor("presence_penalty", "FP32", p.presence_penalty))
+        fields["presence_penalty"] = ("FP32", p.presence_penalty)
     if p.frequency_penalty:
-        inputs.append(tensor("frequency_penalty", "FP32", p.frequency_penalty))
+        fields["frequency_penalty"] = ("FP32", p.frequency_penalty)
     if p.min_tokens:
-        inputs.append(tensor("min_tokens", "INT32", p.min_tokens))
+        fields["min_tokens"] = ("INT32", p.min_tokens)
     if p.seed is not None:
-        inputs.append(tensor("seed", "UINT64", p.seed))
+        fields["seed"] = ("UINT64", p.seed)
     if p.stop:
-        inputs.append(tensor("stop_words", "BYTES", list(p.stop)))
+        fields["stop_words"] = ("BYTES", list(p.stop))
+    return fields
+
+
+_NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+
+
+def grpc_inputs(fields: dict[str, tuple[str, object]], grpc_module=None) -> list:
+    """tritonclient InferInputs ([1, 1], or [1, n] for a list of strings) from `request_fields`."""
+    if grpc_module is None:
+        import tritonclient.grpc as grpc_module
+
+    inputs = []
+    for name, (dtype, value) in fields.items():
+        values = value if isinstance(value, list) else [value]
+        arr = (np.array([[v.encode("utf-8") for v in values]], dtype=object) if dtype == "BYTES"
+               else np.array([values], dtype=_NP[dtype]))
+        t = grpc_module.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
     return inputs
 
 
+def http_body(fields: dict[str, tuple[str, object]]) -> dict:
+    """The same request as a /generate_stream JSON body."""
+    return {name: value for name, (_, value) in fields.items()}
+
+
 def parse_result(result) -> tuple[Chunk | None, bool]:
-    """(chunk or None, is_final) from one Triton InferResult. Shared by every transport."""
+    """(chunk or None, is_final) from one Triton InferResult (gRPC)."""
     final = result.get_response().parameters["triton_final_response"].bool_param
     text = result.as_numpy("text_output")
     if text is None:
         return None, final
     return _chunk(text.reshape(-1)[0], _first(result.as_numpy("finish_reason")),
                   _first(result.as_numpy("prompt_tokens")), _first(result.as_numpy("completion_tokens")), final), final
+
+
+def parse_event(data: dict) -> tuple[Chunk, bool]:
+    """(chunk, is_final) from one generate_stream server-sent event (HTTP)."""
+    if "error" in data:
+        raise error_from_grpc(None, data["error"])
+    final = bool(data.get("finish_reason"))
+    return _chunk(data.get("text_output", ""), data.get("finish_reason"), data.get("prompt_tokens"),
+                  data.get("completion_tokens"), final), final
 
 
 def _first(a):
@@ -115,9 +140,121 @@ class _Collector:
                           last.completion_tokens, self.ttft, time.perf_counter() - self.t0, self.chunks)
 
 
-class _ClosesOnExit:
+class _GrpcSource:
+    """One gRPC streaming call: events are (chunk, final) pairs; cancel() stops it on the server."""
+
+    def __init__(self, client: "Client", fields, request_id: str):
+        self._client, self._g, self._q = client, client._acquire(), queue.Queue()
+        self.request_id = request_id
+        self._g.start_stream(callback=self._on_response, stream_timeout=client.timeout_s, headers=client.headers)
+        try:
+            self._g.async_stream_infer(client.model, grpc_inputs(fields), request_id=request_id,
+                                       enable_empty_final_response=True)
+        except Exception as e:  # a broken stream: its cause has been reported through the callback
+            if self._q.empty():
+                self._q.put((None, e))
+
+    def _on_response(self, result, error):  # tritonclient calls back with these exact names
+        self._q.put((result, error))
+
+    def events(self) -> Iterator[tuple[Chunk | None, bool]]:
+        while True:
+            result, error = self._q.get()
+            if error is not None:
+                raise error_from_grpc(getattr(error, "status", lambda: None)(), error.message())
+            yield parse_result(result)
+
+    def cancel(self) -> None:
+        self._g.stop_stream(cancel_requests=True)
+        self._client._release(self._g)
+
+
+class _HttpSource:
+    """One POST /v2/models/<m>/generate_stream call, read as server-sent events."""
+
+    def __init__(self, client: "Client", fields, request_id: str):
+        self.request_id = request_id
+        base = client.url if client.url.startswith("http") else f"http://{client.url}"
+        body = http_body(fields)
+        req = urllib.request.Request(f"{base}/v2/models/{client.model}/generate_stream",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **client.headers})
+        self._resp = None
+        try:
+            self._resp = urllib.request.urlopen(req, timeout=client.timeout_s)
+        except urllib.error.HTTPError as e:
+            raise error_from_grpc(_HTTP_STATUS.get(e.code), json.loads(e.read() or b"{}").get("error", str(e))) from None
+        except (urllib.error.URLError, OSError) as e:
+            if "timed out" in str(e):
+                raise DeadlineExceededError(f"{base}: {e}") from None
+            raise UnavailableError(f"cannot reach {base}: {e}") from None
+
+    def events(self) -> Iterator[tuple[Chunk | None, bool]]:
+        for raw in self._resp:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if line.startswith("data:"):
+                yield parse_event(json.loads(line[5:].strip()))
+
+    def cancel(self) -> None:
+        if self._resp is not None:
+            self._resp.close()  # closing the connection cancels the request in Triton
+
+
+_HTTP_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class Stream:
+    """Iterator of Chunks for one request, the same for every transport. Closing it early (close(),
+    `with`, or leaving a loop) cancels the request on the server; in-band errors become exceptions;
+    it retries (with backoff) only on UNAVAILABLE and only before the first chunk.
+
+        with client.stream(messages, max_tokens=64) as s:
+            for chunk in s:
+                print(chunk.text, end="")
+    """
+
+    def __init__(self, open_source, retries: int = 0, backoff_s: float = 0.2):
+        self._open, self._retries, self._backoff_s = open_source, retries, backoff_s
+        self._source = None
+        self._closed = False
+
+    @property
+    def request_id(self) -> str | None:
+        return self._source.request_id if self._source is not None else None
+
+    def _events(self):
+        for attempt in range(self._retries + 1):
+            delivered = False
+            try:
+                self._source = self._open()
+                for chunk, final in self._source.events():
+                    if chunk is not None and (chunk.text or final):
+                        delivered = True
+                        yield chunk
+                    if final:
+                        return
+                return
+            except UnavailableError:
+                self._cancel_source()
+                if delivered or attempt == self._retries:
+                    raise
+                time.sleep(self._backoff_s * 2**attempt)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            yield from self._events()
+        finally:
+            self.close()
+
+    def _cancel_source(self) -> None:
+        if self._source is not None:
+            source, self._source = self._source, None
+            source.cancel()
+
     def close(self) -> None:
-        raise NotImplementedError
+        if not self._closed:
+            self._closed = True
+            self._cancel_source()
 
     def __enter__(self):
         return self
@@ -126,48 +263,9 @@ class _ClosesOnExit:
         self.close()
 
 
-class Stream(_ClosesOnExit):
-    """Iterator of Chunks for one request. Closing it early (close(), `with`, or break) cancels the
-    request on the server."""
-
-    def __init__(self, client: "Client", grpc_client, model, inputs, request_id, timeout_s, headers):
-        self._client, self._g, self._q = client, grpc_client, queue.Queue()
-        self.request_id = request_id
-        self._closed = False
-        self._g.start_stream(callback=self._on_response, stream_timeout=timeout_s, headers=headers)
-        try:
-            self._g.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
-        except Exception as e:  # a broken stream: its cause has been reported through the callback
-            if self._q.empty():
-                self._q.put((None, e))
-
-    def _on_response(self, result, error):  # tritonclient calls back with these exact names
-        self._q.put((result, error))
-
-    def __iter__(self) -> Iterator[Chunk]:
-        try:
-            while True:
-                result, error = self._q.get()
-                if error is not None:
-                    raise error_from_grpc(getattr(error, "status", lambda: None)(), error.message())
-                chunk, final = parse_result(result)
-                if chunk is not None and (chunk.text or final):
-                    yield chunk
-                if final:
-                    return
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._g.stop_stream(cancel_requests=True)
-            self._client._release(self._g)
-
-
-class Client(_ClosesOnExit):
-    """Synchronous client. Streams run on pooled gRPC connections (tritonclient allows one stream
-    per connection), so a service can hold several streams at once without a connection per call."""
+class Client:
+    """Synchronous client over gRPC (default) or HTTP. gRPC streams run on pooled connections
+    (tritonclient allows one stream per connection), so a service can hold several at once."""
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = DEFAULT_MODEL, timeout_s: float | None = None,
                  ssl: bool = False, root_certificates: str | None = None, headers: dict[str, str] | None = None,
@@ -196,31 +294,15 @@ class Client(_ClosesOnExit):
     def _request_id(self) -> str:
         return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
 
-    def stream(self, messages, params: SamplingParams | None = None, **overrides) -> Iterator[Chunk]:
-        p = _params(params, overrides)
-        prompt = _messages(messages)
-        if self.protocol == "http":
-            return _http_stream(self.url, self.model, prompt, p, True, self.timeout_s, self.headers)
-        return self._with_retries(lambda: Stream(self, self._acquire(), self.model, _grpc_inputs(prompt, p, True),
-                                                 self._request_id(), self.timeout_s, self.headers))
+    def stream(self, messages, params: SamplingParams | None = None, **overrides) -> Stream:
+        """Stream the reply to ChatML `messages` (a list of Message or dicts, or one user string)."""
+        return self.stream_text(_messages(messages), params, **overrides)
 
-    def _with_retries(self, open_stream) -> Iterator[Chunk]:
-        """Retry with backoff, but only while no token has been delivered and only on UNAVAILABLE."""
-        for attempt in range(self.retries + 1):
-            stream = open_stream()
-            it = iter(stream)
-            try:
-                first = next(it)
-            except StopIteration:
-                return iter(())
-            except UnavailableError:
-                stream.close()
-                if attempt == self.retries:
-                    raise
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            return _Prefixed(first, it, stream)
-        raise UnavailableError("unreachable")
+    def stream_text(self, prompt: str, params: SamplingParams | None = None, **overrides) -> Stream:
+        """Stream the continuation of a raw prompt (no chat template)."""
+        fields = request_fields(prompt, _params(params, overrides))
+        source = _HttpSource if self.protocol == "http" else _GrpcSource
+        return Stream(lambda: source(self, fields, self._request_id()), self.retries, self.backoff_s)
 
     def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
         acc = _Collector()
@@ -243,26 +325,22 @@ class Client(_ClosesOnExit):
                 g.close()
             self._pool.clear()
 
+    def __enter__(self):
+        return self
 
-class _Prefixed(_ClosesOnExit):
-    """An iterator that yields an already-read first chunk, then the rest; closable."""
-
-    def __init__(self, first, rest, stream):
-        self._first, self._rest, self._stream = first, rest, stream
-
-    def __iter__(self):
-        try:
-            yield self._first
-            yield from self._rest
-        finally:
-            self.close()
-
-    def close(self):
-        self._stream.close()
+    def __exit__(self, *exc):
+        self.close()
 
 
 class AsyncClient:
-    """asyncio client over tritonclient.grpc.aio: many concurrent streams on one connection."""
+    """asyncio client over tritonclient.grpc.aio: many concurrent streams on one connection.
+    `stream()` is an async generator; leaving it early (break, aclose, task cancellation) cancels the
+    request on the server.
+
+        async with AsyncClient("127.0.0.1:8001") as c:
+            async for chunk in c.stream([Message("user", "Hi")], max_tokens=32):
+                print(chunk.text, end="")
+    """
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = DEFAULT_MODEL, timeout_s: float | None = None,
                  ssl: bool = False, root_certificates: str | None = None, headers: dict[str, str] | None = None,
@@ -274,16 +352,20 @@ class AsyncClient:
         self._g = ga.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
         self._ids = itertools.count()
 
-    async def stream(self, messages, params: SamplingParams | None = None, **overrides):
+    def stream(self, messages, params: SamplingParams | None = None, **overrides):
+        return self.stream_text(_messages(messages), params, **overrides)
+
+    async def stream_text(self, prompt: str, params: SamplingParams | None = None, request_id: str | None = None,
+                          **overrides):
         import asyncio
 
-        p = _params(params, overrides)
-        inputs = _grpc_inputs(_messages(messages), p, True)
+        inputs = grpc_inputs(request_fields(prompt, _params(params, overrides)))
+        rid = request_id or f"a{uuid.uuid4().hex[:8]}-{next(self._ids)}"
         for attempt in range(self.retries + 1):
             delivered = False
 
             async def requests():
-                yield {"model_name": self.model, "inputs": inputs, "request_id": f"a{next(self._ids)}",
+                yield {"model_name": self.model, "inputs": inputs, "request_id": rid,
                        "enable_empty_final_response": True}
 
             responses = self._g.stream_infer(requests(), stream_timeout=self.timeout_s, headers=self.headers)
@@ -315,6 +397,12 @@ class AsyncClient:
             acc.add(c)
         return acc.result()
 
+    async def ready(self) -> bool:
+        try:
+            return await self._g.is_server_ready(headers=self.headers)
+        except Exception:
+            return False
+
     async def close(self) -> None:
         await self._g.close()
 
@@ -328,38 +416,6 @@ class AsyncClient:
 def _status_of(e: Exception) -> str | None:
     code = getattr(e, "code", None)
     return str(code()) if callable(code) else None
-
-
-def _http_stream(url: str, model: str, prompt: str, p: SamplingParams, stream: bool, timeout_s, headers):
-    """POST /v2/models/<m>/generate_stream and parse its server-sent events."""
-    body = {"text_input": prompt, "max_tokens": p.max_tokens, "stream": True, "temperature": p.temperature,
-            "top_p": p.top_p, "top_k": p.top_k, "repetition_penalty": p.repetition_penalty}
-    if p.min_tokens:
-        body["min_tokens"] = p.min_tokens
-    if p.stop:
-        body["stop_words"] = list(p.stop)
-    base = url if url.startswith("http") else f"http://{url}"
-    req = urllib.request.Request(f"{base}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **headers}, method="POST")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout_s)
-    except urllib.error.HTTPError as e:
-        raise error_from_grpc(None, json.loads(e.read() or b"{}").get("error", str(e))) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UnavailableError(f"cannot reach {base}: {e}") from None
-
-    def events():
-        with resp:
-            for raw in resp:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line.startswith("data:"):
-                    continue
-                data = json.loads(line[5:].strip())
-                if "error" in data:
-                    raise error_from_grpc(None, data["error"])
-                yield _chunk(data.get("text_output", ""), data.get("finish_reason"), data.get("prompt_tokens"),
-                             data.get("completion_tokens"), bool(data.get("finish_reason")))
-    return events()
 
 
 class Conversation:

@@ -36,16 +36,23 @@ _BY_STATUS = {
     "FAILED_PRECONDITION": BadRequestError, "UNAVAILABLE": UnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError, "CANCELLED": CancelledError,
 }
-_BAD_REQUEST_HINTS = ("is empty", "must be", "at most", "not supported", "is required", "unexpected inference input",
-                      "expected", "invalid", "unknown")
+# The stable marker the deployment's own models put at the start of every request they refuse
+# (model_repo/triton_models/common.py sends it); in-band stream errors carry no status code.
+BAD_REQUEST_MARKER = "invalid request: "
+# Triton core's own input checks (server 2.51, src/core infer_request.cc and the HTTP/gRPC frontends),
+# which refuse a request before any model sees it.
+TRITON_INPUT_ERRORS = ("unexpected inference input", "unexpected datatype", "unexpected shape for input",
+                       "inputs but got", "is not found", "batch-size must be", "failed to parse",
+                       "unable to parse", "expected a single")
 
 
 def error_from_grpc(status: str | None, message: str) -> ClientError:
     """Map a gRPC status name (e.g. "StatusCode.UNAVAILABLE" or "UNAVAILABLE") and message to an error.
-    Triton reports in-band model errors (stream callbacks) with no or a generic status: their text decides."""
+    Streams report in-band errors without a status: the deployment's marker or one of Triton core's
+    input-check messages makes a bad request; anything else is a server error."""
     name = (status or "").rsplit(".", 1)[-1].upper()
     if name in _BY_STATUS:
         return _BY_STATUS[name](message)
-    if any(h in message for h in _BAD_REQUEST_HINTS):
+    if BAD_REQUEST_MARKER in message or any(h in message for h in TRITON_INPUT_ERRORS):
         return BadRequestError(message)
     return ServerError(message)

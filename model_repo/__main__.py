@@ -1,8 +1,9 @@
-"""python -m model_repo: generate | serve | demo."""
+"""python -m model_repo: generate | serve | openai | demo."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -38,12 +39,21 @@ def _serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start(echo=not args.quiet)
+    frontend = None
+    if args.openai_port:
+        frontend = start_frontend(_frontend_config(args, server.grpc_url), args.host, args.openai_port)
     print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-          f"metrics http://{args.host}:{args.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
-    while not stop.wait(0.5):
-        if server.proc.poll() is not None:
-            raise UserError(f"tritonserver exited with code {server.proc.returncode}")
-    server.stop()
+          f"metrics http://{args.host}:{args.metrics_port}/metrics"
+          + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
+          flush=True)
+    try:
+        while not stop.wait(0.5):
+            if server.proc.poll() is not None:
+                raise UserError(f"tritonserver exited with code {server.proc.returncode}")
+    finally:
+        if frontend is not None:
+            frontend.should_exit = True
+        server.stop()
     return 0
 
 
@@ -63,6 +73,55 @@ def _serve_gpu(repo: Path, ports, args) -> int:
         raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                         f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
     return subprocess.call(cmd)
+
+
+def served_model_name(repo: Path) -> str:
+    """The model id the OpenAI frontend serves: the source model's name from the repository manifest."""
+    from build_engine import manifest
+
+    m = manifest.read(repo, "triton-repository")
+    return m["model"].get("name") or m.get("preset") or "hermes-trtllm"
+
+
+def _frontend_config(args, triton_url: str):
+    from model_repo.openai_api import FrontendConfig
+
+    name = args.model_name or (served_model_name(Path(args.repo).resolve()) if args.repo else "hermes-trtllm")
+    return FrontendConfig(triton_url=triton_url, model_name=name,
+                          api_key=args.api_key or os.environ.get("HERMES_API_KEY") or None,
+                          default_max_tokens=args.default_max_tokens)
+
+
+def start_frontend(cfg, host: str, port: int):
+    """Run the OpenAI frontend (uvicorn) in a background thread; returns the uvicorn server."""
+    import time
+
+    import uvicorn
+
+    from model_repo.openai_api import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host=host, port=port, log_level="warning",
+                                           access_log=False))
+    threading.Thread(target=server.run, name="openai-frontend", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or (server.should_exit and not server.started):
+            raise UserError(f"the OpenAI frontend could not start on {host}:{port}")
+        time.sleep(0.05)
+    return server
+
+
+def _openai(args) -> int:
+    """The OpenAI-compatible frontend alone, in front of a running Triton."""
+    import uvicorn
+
+    from model_repo.openai_api import create_app
+
+    cfg = _frontend_config(args, args.triton)
+    print(f"OpenAI API for {cfg.model_name!r} on http://{args.host}:{args.port}/v1 -> Triton gRPC {args.triton}",
+          flush=True)
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
 
 
 def _demo(args) -> int:
@@ -102,7 +161,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
     s.add_argument("--image", default=container.SERVING_IMAGE,
                    help="GPU: the serving image (default: %(default)s, built by `make gpu-image`)")
+    s.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible API on this port")
+    _frontend_options(s, with_repo=False)
     s.set_defaults(handler=_serve)
+
+    s = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton (CPU or GPU)",
+                       epilog="example:\n  python -m model_repo openai --triton 127.0.0.1:8001 --port 9000 "
+                              "--repo artifacts/smol/model_repository",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=9000)
+    _frontend_options(s, with_repo=True)
+    s.set_defaults(handler=_openai)
 
     s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop")
     s.add_argument("--repo", required=True)
@@ -110,6 +181,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=64)
     s.set_defaults(handler=_demo)
     return p
+
+
+def _frontend_options(s, with_repo: bool) -> None:
+    if with_repo:
+        s.add_argument("--repo", help="the served repository (its manifest names the model)")
+    s.add_argument("--model-name", help="the model id clients send (default: the repository's source model)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set HERMES_API_KEY)")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ backend), on loopback by default; wait for readiness; stop cleanly.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -111,7 +112,8 @@ class TritonServer:
         self.cache = cache or cache_dir()
         self.proc: subprocess.Popen | None = None
         self._log_thread: threading.Thread | None = None
-        self.log_lines: list[str] = []
+        self._log: collections.deque[str] = collections.deque(maxlen=5000)
+        self._log_total = 0  # lines seen since start (the deque keeps the last 5000)
 
     @property
     def grpc_url(self) -> str:
@@ -149,6 +151,18 @@ class TritonServer:
         self.stop()
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
 
+    @property
+    def log_lines(self) -> list[str]:
+        return list(self._log)
+
+    def log_mark(self) -> int:
+        """A position in the log, for `logs_since`."""
+        return self._log_total
+
+    def logs_since(self, mark: int) -> list[str]:
+        new = self._log_total - mark
+        return list(self._log)[-new:] if new > 0 else []
+
     def load_errors(self) -> list[str]:
         """The server's error lines (a model that failed to load says why here)."""
         return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit()]
@@ -157,8 +171,8 @@ class TritonServer:
         assert self.proc and self.proc.stdout
         log = open(self.log_file, "a") if self.log_file else None
         for line in self.proc.stdout:
-            self.log_lines.append(line.rstrip("\n"))
-            del self.log_lines[:-2000]
+            self._log.append(line.rstrip("\n"))
+            self._log_total += 1
             if echo:
                 sys.stderr.write(line)
             if log:

@@ -184,12 +184,12 @@ def test_cancelled_stream_stops_generation_and_the_next_request_is_served(smol_s
     deadline = time.time() + 60
     while len(got) < 3 and time.time() < deadline:
         time.sleep(0.01)
-    n_before = len(smol_server.log_lines)
+    mark = smol_server.log_mark()
     c.stop_stream(cancel_requests=True)
     deadline = time.time() + 20
-    while time.time() < deadline and not any("request cancelled after" in l for l in smol_server.log_lines[n_before:]):
+    while time.time() < deadline and not any("request cancelled after" in l for l in smol_server.logs_since(mark)):
         time.sleep(0.05)
-    line = next(l for l in smol_server.log_lines[n_before:] if "request cancelled after" in l)
+    line = next(l for l in smol_server.logs_since(mark) if "request cancelled after" in l)
     assert int(line.rsplit("after", 1)[1].split()[0]) < 200
     pieces, err = stream_call(smol_server.grpc_url, "tensorrt_llm_bls", inputs(format_chatml(QUESTION), 32, True))
     assert err is None and "Paris" in "".join(pieces)

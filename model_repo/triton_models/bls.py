@@ -16,7 +16,8 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from build_engine.runtime import Detokenizer
-from model_repo.triton_models.common import BadRequest, params, scalar, strings, to_words_list
+from model_repo.triton_models.common import (BadRequest, StopText, params, refusal, scalar, strings,
+                                             to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Ensemble-style input name -> tensorrt_llm input name, dtype
@@ -94,7 +95,7 @@ class TritonPythonModel:
         r = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
                                       requested_output_names=["INPUT_ID", "OUT_END_ID", "OUT_PAD_ID"]).exec()
         if r.has_error():
-            raise BadRequest(r.error().message())
+            raise BadRequest(r.error().message())  # preprocessing's refusal, already marked
         out = lambda name: pb_utils.get_output_tensor_by_name(r, name).as_numpy().reshape(-1)  # noqa: E731
         return [int(i) for i in out("INPUT_ID")], int(out("OUT_END_ID")[0]), int(out("OUT_PAD_ID")[0])
 
@@ -119,9 +120,10 @@ class TritonPythonModel:
             stream = bool(scalar(pb_utils, request, "stream", False))
             llm_request = self._llm_request(request, ids, end_id, pad_id)
         except (BadRequest, ValueError) as e:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
         detok = Detokenizer(self.tok, skip_ids=(end_id,))
+        cut = StopText(strings(pb_utils, request, "stop_words"))
         n_out, pieces = 0, []
         responses = llm_request.exec(decoupled=True)
         try:
@@ -135,11 +137,11 @@ class TritonPythonModel:
                                 flags=FINAL)
                     return
                 out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-                if out is None:
+                if out is None or cut.stopped:  # after a stop sequence: drain the inner stream
                     continue
                 new = [int(t) for t in out.as_numpy().reshape(-1)]
                 n_out += len(new)
-                delta = "".join(detok.push(t) for t in new)
+                delta = cut.push("".join(detok.push(t) for t in new))
                 if stream and delta:
                     sender.send(self._response(delta, "", len(ids), n_out))
                 pieces.append(delta)
@@ -147,8 +149,8 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")),
                         flags=FINAL)
             return
-        tail = detok.flush()
+        tail = cut.push(detok.flush()) + cut.flush()
         pieces.append(tail)
-        reason = "length" if n_out >= int(scalar(pb_utils, request, "max_tokens")) else "stop"
+        reason = "length" if n_out >= int(scalar(pb_utils, request, "max_tokens")) and not cut.stopped else "stop"
         final_text = tail if stream else "".join(pieces)
         sender.send(self._response(final_text, reason, len(ids), n_out), flags=FINAL)

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 
+from client.errors import BAD_REQUEST_MARKER
+
 
 def params(args: dict) -> dict[str, str]:
     cfg = json.loads(args["model_config"])
@@ -57,3 +59,38 @@ def from_words_list(arr: np.ndarray) -> list[list[int]]:
 
 class BadRequest(ValueError):
     """A request the model refuses with a clear message; the server keeps serving."""
+
+
+def refusal(pb_utils, message: str):
+    """The error a refused request gets: marked for clients (in-band stream errors carry no status)
+    and INVALID_ARG, which Triton's HTTP frontend answers with 400."""
+    if not message.startswith(BAD_REQUEST_MARKER):
+        message = BAD_REQUEST_MARKER + message
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+
+
+class StopText:
+    """Cuts generated text at the first stop sequence (which the reply does not include, as in
+    OpenAI's API), holding back a tail that could begin one, so streamed deltas never show part of a
+    stop sequence. TensorRT-LLM itself returns the stop word's tokens."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.held + delta
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.stopped, self.held = True, ""
+            return text[: min(cuts)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out

@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
-from model_repo.triton_models.common import BadRequest, params, scalar, strings, to_words_list
+from model_repo.triton_models.common import BadRequest, params, refusal, scalar, strings, to_words_list
 
 
 class TritonPythonModel:
@@ -43,5 +43,5 @@ class TritonPythonModel:
             try:
                 responses.append(self._one(r))
             except BadRequest as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+                responses.append(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))))
         return responses

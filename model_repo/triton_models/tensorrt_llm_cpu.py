@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.runtime import CpuEngine, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import BadRequest, from_words_list, params, scalar
+from model_repo.triton_models.common import BadRequest, from_words_list, params, refusal, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -96,8 +96,8 @@ class TritonPythonModel:
         if scalar(pb_utils, request, "stop", False):
             # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
             if not rid:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "Trying to stop a request but request ID is not provided")), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(error=refusal(
+                    pb_utils, "Trying to stop a request but request ID is not provided")), flags=FINAL)
                 return
             target = self.live.get(rid)
             if target is not None:
@@ -116,7 +116,7 @@ class TritonPythonModel:
             if rid:
                 self.live[rid] = stream
         except (BadRequest, ValueError) as e:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
         generated, held = [], []
         try:
