@@ -55,8 +55,9 @@ $(REPO)/ensemble/config.pbtxt: $(CPU_ENGINE)/manifest.json $(wildcard model_repo
 demo: $(REPO)/ensemble/config.pbtxt
 	$(PY) -m model_repo demo --repo $(REPO) --prompt "What is the capital of France?"
 
+OPENAI_PORT ?=
 serve: $(REPO)/ensemble/config.pbtxt
-	$(PY) -m model_repo serve --repo $(REPO)
+	$(PY) -m model_repo serve --repo $(REPO) $(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT))
 
 # GPU workflow (README): `make gpu-image` on the GPU host, then every other gpu-* target inside that
 # image, with the container's own Python and packages (no venv: it would replace them).

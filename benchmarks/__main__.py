@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -74,10 +75,13 @@ def _serve(args) -> int:
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
         if args.goodput else None
-    base = RunConfig(args.url, {"bls": "tensorrt_llm_bls"}.get(args.model, args.model), args.protocol,
+    protocol = "openai" if args.backend == "openai" else args.protocol
+    model = args.model if args.backend == "openai" else {"bls": "tensorrt_llm_bls"}.get(args.model, args.model)
+    base = RunConfig(args.url, model, protocol,
                      args.num_prompts, args.input_words, args.output_len, request_rate=args.request_rate,
                      burstiness=args.burstiness, dataset=args.dataset, input_len=args.input_len,
-                     tokenizer=args.tokenizer, warmup=args.warmup)
+                     tokenizer=args.tokenizer, warmup=args.warmup,
+                     api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
     results = run_sweep(base, [int(c) for c in args.concurrency.split(",")], slo)
     write_results(results, Path(args.out))
     print(summary(results))
@@ -179,8 +183,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(title="commands")
     s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming")
     s.add_argument("--url", required=True)
-    s.add_argument("--model", default="bls", help="bls (tensorrt_llm_bls) | ensemble")
-    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s.add_argument("--backend", choices=("triton", "openai"), default="triton",
+                   help="triton: this deployment's Triton models; openai: any OpenAI-compatible server "
+                        "(--url http://host:port/v1 --model NAME), e.g. this project's frontend, vLLM, trtllm-serve")
+    s.add_argument("--model", default="bls", help="triton: bls (tensorrt_llm_bls) | ensemble; openai: the model id")
+    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="triton: the transport")
+    s.add_argument("--api-key", help="openai: the server's API key (default: $OPENAI_API_KEY)")
     s.add_argument("--concurrency", default="1,2,4,8", help="comma-separated caps; one run each")
     s.add_argument("--request-rate", type=float, help="arrivals per second (Poisson, or gamma with --burstiness)")
     s.add_argument("--burstiness", type=float, default=1.0)

@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
-from client import AsyncClient, Client, Message
+from client import AsyncClient, Chunk, Client, Message
 
 
 @dataclass(frozen=True)
 class RunConfig:
     url: str
     model: str = "tensorrt_llm_bls"  # or "ensemble"
-    protocol: str = "grpc"  # or "http" (generate_stream, SSE)
+    protocol: str = "grpc"  # or "http" (generate_stream, SSE), or "openai" (any OpenAI-compatible server)
     num_prompts: int = 16
     input_words: int = 32
     output_len: int = 64
@@ -30,6 +30,7 @@ class RunConfig:
     tokenizer: str | None = None  # the served model's tokenizer folder
     warmup: int = 1
     seed: int = 0
+    api_key: str | None = None  # openai: the server's key, if it wants one
 
 
 def sharegpt_prompts(path: str, n: int, seed: int) -> list[str]:
@@ -61,18 +62,36 @@ def _observe(out: RequestOutput, timer: ChunkTimer, chunk, now: float, n_chunks:
         out.prompt_tokens = chunk.prompt_tokens
 
 
-async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
+async def record(chunks, clock=time.perf_counter) -> RequestOutput:
+    """One request's RequestOutput from its async stream of Chunks; never raises (failures are counted)."""
     out = RequestOutput()
     timer = ChunkTimer(out, clock())
     try:
         n = 0
-        async for chunk in client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len):
+        async for chunk in chunks:
             n += bool(chunk.text)
             _observe(out, timer, chunk, clock(), n)
         timer.finish()
     except Exception as e:  # counted, never lost
         out.error = f"{type(e).__name__}: {e}"
     return out
+
+
+async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
+    return await record(client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len), clock)
+
+
+async def openai_chunks(client, model: str, prompt: str, output_len: int):
+    """An OpenAI-compatible server's chat stream as Chunks; token counts from `usage` when it is sent.
+    `min_tokens` (vLLM's and this project's extension) fixes the output length."""
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=output_len, stream=True,
+        stream_options={"include_usage": True}, extra_body={"min_tokens": output_len})
+    async for c in stream:
+        for choice in c.choices:
+            yield Chunk(choice.delta.content or "", choice.finish_reason)
+        if c.usage is not None:
+            yield Chunk("", None, c.usage.prompt_tokens, c.usage.completion_tokens)
 
 
 def one_request_sync(client: Client, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
@@ -139,6 +158,11 @@ async def run(cfg: RunConfig) -> tuple[list[RequestOutput], float]:
         sync = Client(cfg.url, model=cfg.model, protocol="http")
         call = lambda p: asyncio.to_thread(one_request_sync, sync, p, cfg.output_len)  # noqa: E731
         client = None
+    elif cfg.protocol == "openai":
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=cfg.url, api_key=cfg.api_key or "unused", max_retries=0)
+        call = lambda p: record(openai_chunks(client, cfg.model, p, cfg.output_len))  # noqa: E731
     else:
         client = AsyncClient(cfg.url, model=cfg.model)
         call = lambda p: one_request(client, p, cfg.output_len)  # noqa: E731

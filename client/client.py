@@ -183,7 +183,7 @@ class _HttpSource:
         try:
             self._resp = urllib.request.urlopen(req, timeout=client.timeout_s)
         except urllib.error.HTTPError as e:
-            raise error_from_grpc(_HTTP_STATUS.get(e.code), json.loads(e.read() or b"{}").get("error", str(e))) from None
+            raise error_from_grpc(_HTTP_STATUS.get(e.code), _http_error_message(e)) from None
         except (urllib.error.URLError, OSError) as e:
             if "timed out" in str(e):
                 raise DeadlineExceededError(f"{base}: {e}") from None
@@ -198,6 +198,16 @@ class _HttpSource:
     def cancel(self) -> None:
         if self._resp is not None:
             self._resp.close()  # closing the connection cancels the request in Triton
+
+
+def _http_error_message(e: urllib.error.HTTPError) -> str:
+    """Triton answers a refused generate_stream with one event (`data: {"error": ...}`), others with JSON."""
+    body = (e.read() or b"").decode("utf-8", "replace").strip()
+    body = body.removeprefix("data:").strip()
+    try:
+        return json.loads(body).get("error", body)
+    except ValueError:
+        return body or str(e)
 
 
 _HTTP_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}

@@ -130,6 +130,47 @@ def test_server_down_raises_unavailable_after_retries():
             c.complete(QUESTION, max_tokens=8)
 
 
+SERVER_REFUSALS = [  # every way the deployment refuses a request the client lets through
+    ("empty prompt", lambda c: c.stream_text("", max_tokens=8), "text_input is empty"),
+    ("max_tokens over the engine", lambda c: c.stream(QUESTION, max_tokens=10**6), "max_tokens must be between 1"),
+    ("over-long prompt", lambda c: c.stream([Message("user", "word " * 5000)], max_tokens=8), "accepts at most"),
+    ("unsupported on the CPU engine", lambda c: c.stream(QUESTION, max_tokens=8, presence_penalty=0.5),
+     "presence_penalty is not supported"),
+    ("unknown model", lambda c: Client(c.url, model="nope", protocol=c.protocol).stream(QUESTION, max_tokens=8),
+     "nope"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case,call,message", SERVER_REFUSALS, ids=[r[0] for r in SERVER_REFUSALS])
+def test_each_server_refusal_is_a_bad_request_error_on_every_transport(smol_server, protocol, case, call, message):
+    url = smol_server.grpc_url if protocol == "grpc" else smol_server.http_url
+    with Client(url, protocol=protocol, retries=0) as c:
+        with pytest.raises(BadRequestError, match=message):
+            list(call(c))
+        assert "Paris" in c.complete(QUESTION, max_tokens=32).text
+
+
+def test_http_stream_is_the_same_closable_stream(smol_server):
+    h = Client(smol_server.http_url, protocol="http")
+    with h.stream(QUESTION, max_tokens=32) as s:
+        text = "".join(chunk.text for chunk in s)
+    assert "Paris" in text and type(s) is type(Client(smol_server.grpc_url).stream(QUESTION))
+
+
+def test_every_sampling_field_reaches_both_transports_alike():
+    from client.client import grpc_inputs, http_body, request_fields
+
+    p = SamplingParams(max_tokens=9, temperature=0.5, top_p=0.9, top_k=3, repetition_penalty=1.1,
+                       presence_penalty=0.2, frequency_penalty=0.3, min_tokens=2, seed=7, stop=("a", "b"))
+    fields = request_fields("hi", p)
+    assert set(fields) == {"text_input", "max_tokens", "stream", "temperature", "top_p", "top_k",
+                           "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "seed",
+                           "stop_words"}
+    assert set(http_body(fields)) == {i.name() for i in grpc_inputs(fields)} == set(fields)
+    assert http_body(fields)["seed"] == 7 and http_body(fields)["stop_words"] == ["a", "b"]
+
+
 def test_bad_request_surfaces_as_bad_request_error(smol_server):
     with Client(smol_server.grpc_url) as c:
         with pytest.raises(BadRequestError, match="presence_penalty is not supported"):

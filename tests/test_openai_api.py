@@ -209,3 +209,24 @@ def test_metrics_move_by_the_traffic_on_the_frontend_and_triton(frontend, oa, sm
              _metric(f"{url}/metrics", "hermes_openai_time_to_first_token_seconds_count"),
              _metric(triton_metrics, "nv_inference_request_success", bls))
     assert [a - b for a, b in zip(after, before)] == [3, sum(usage), 3, 3]
+
+
+def test_benchmark_measures_the_openai_frontend_like_the_triton_deployment(frontend, smol_server, tmp_path):
+    """`benchmarks serve --backend openai` against the frontend and `--backend triton` against Triton,
+    same workload: every request succeeds with the fixed output length, counted from `usage`."""
+    from benchmarks.__main__ import main as bench
+
+    url, name = frontend
+    common = ["--num-prompts", "3", "--output-len", "8", "--concurrency", "2", "--warmup", "0"]
+    assert bench(["serve", "--backend", "openai", "--url", f"{url}/v1", "--model", name, *common,
+                  "--out", str(tmp_path / "oa")]) == 0
+    assert bench(["serve", "--url", smol_server.grpc_url, *common, "--out", str(tmp_path / "grpc")]) == 0
+    import json
+
+    runs = {}
+    for kind in ("oa", "grpc"):
+        (result,) = [json.loads(p.read_text()) for p in (tmp_path / kind).glob("*.json")]
+        runs[kind] = result
+        assert [r["success"] for r in result["requests"]] == [True] * 3
+        assert [r["output_tokens"] for r in result["requests"]] == [8] * 3
+    assert runs["oa"]["config"]["protocol"] == "openai" and runs["oa"]["metrics"]["median_ttft_ms"] is not None

@@ -286,9 +286,9 @@ def test_serve_command_forwards_logs_and_stops_cleanly_on_sigterm(tiny_engine, t
     from tests.triton_util import ready as is_ready
 
     repo = generate(tiny_engine, tmp_path / "repo")
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics, oa = free_port(), free_port(), free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(oa)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -299,10 +299,22 @@ def test_serve_command_forwards_logs_and_stops_cleanly_on_sigterm(tiny_engine, t
             except OSError:
                 time.sleep(0.5)
         assert is_ready(f"http://127.0.0.1:{http}")
+        import urllib.request
+
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the OpenAI frontend comes up beside Triton, on loopback
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{oa}/v1/models", timeout=5) as r:
+                    assert json.loads(r.read())["data"][0]["id"] == "tiny-hermes"
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("the OpenAI frontend never answered")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0, err
-    assert f"gRPC 127.0.0.1:{grpc}" in out
+    assert f"gRPC 127.0.0.1:{grpc}" in out and f"OpenAI http://127.0.0.1:{oa}/v1" in out
     assert "successfully loaded 'tensorrt_llm_bls'" in err  # the server's own log, forwarded
