@@ -72,7 +72,19 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     if not inside and shutil.which("docker") is None:
         raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                         f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
-    return subprocess.call(cmd)
+    if not args.openai_port:
+        return subprocess.call(cmd)
+    # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
+    proc = subprocess.Popen(cmd)
+    frontend = start_frontend(_frontend_config(args, f"{args.host}:{ports.grpc}"), args.host, args.openai_port)
+    print(f"OpenAI http://{args.host}:{args.openai_port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+    finally:
+        frontend.should_exit = True
 
 
 def served_model_name(repo: Path) -> str:

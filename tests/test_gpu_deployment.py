@@ -49,8 +49,9 @@ os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "config.json"), "w").write('{"build_config": {}}')
 open(os.path.join(out, "rank0.engine"), "wb").write(b"engine")
 """)
-    _script(bin_dir / "tritonserver", """import json, os, sys
+    _script(bin_dir / "tritonserver", """import json, os, sys, time
 open(os.environ["TRITONSERVER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
+time.sleep(float(os.environ.get("TRITONSERVER_RUN_S", "0")))
 """)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(trtllm, "tensorrt_llm_version", lambda: "1.2.1")
@@ -316,3 +317,32 @@ def test_quantize_resolves_the_preset_name_to_its_hub_id(monkeypatch):
     monkeypatch.setattr(sources, "_from_hub", lambda repo_id: seen.append(repo_id) or "resolved")
     assert sources.resolve("nous-hermes-2-mistral-7b-dpo") == "resolved"
     assert seen == ["NousResearch/Nous-Hermes-2-Mistral-7B-DPO"]
+
+
+def test_gpu_serve_with_openai_port_runs_the_frontend_beside_tritonserver(gpu_repo, gpu_tools, tmp_path, monkeypatch):
+    import threading
+    import urllib.request
+
+    from model_repo.__main__ import main
+    from model_repo.server import free_port
+
+    monkeypatch.setenv("TRITONSERVER_ARGV_FILE", str(tmp_path / "argv.json"))
+    monkeypatch.setenv("TRITONSERVER_RUN_S", "8")
+    port = free_port()
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(main(["serve", "--repo", str(gpu_repo), "--openai-port",
+                                                           str(port)])))
+    t.start()
+    models = None
+    for _ in range(60):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                models = json.loads(r.read())
+            break
+        except OSError:
+            import time
+
+            time.sleep(0.1)
+    t.join(timeout=30)
+    assert models["data"][0]["id"] == "tiny-hermes" and codes == [0]
+
