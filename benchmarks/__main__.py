@@ -178,7 +178,7 @@ def _cpu_engine(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(title="commands")
     s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming")
@@ -237,11 +237,14 @@ def main(argv=None) -> int:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_cpu_engine)
-    args = p.parse_args(argv)
-    if not hasattr(args, "handler"):
-        p.print_help()
-        return 2
-    return args.handler(args)
+    return p
+
+
+def main(argv=None) -> int:
+    """The shared CLI root: one-line errors with the fix, HERMES_DEBUG=1 for a traceback."""
+    from build_engine import cli
+
+    return cli.run(parser(), argv)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,10 @@ def prompts_for(cfg: RunConfig) -> list[str]:
     if cfg.input_len:
         if not cfg.tokenizer:
             raise ValueError("--input-len needs --tokenizer (the served model's tokenizer folder)")
-        from transformers import AutoTokenizer  # bench extra
+        try:
+            from transformers import AutoTokenizer  # not in [bench]: the [build] extra has it
+        except ImportError:
+            raise ValueError("--input-len needs transformers: pip install 'hermes-trtllm[build]'") from None
 
         return exact_length_prompts(AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.num_prompts, cfg.input_len,
                                     cfg.seed)

@@ -19,10 +19,11 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except UserError as e:
+    except (UserError, ValueError, KeyError, OSError) as e:
         if os.environ.get("HERMES_DEBUG"):
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        hint = "" if os.environ.get("HERMES_DEBUG") or isinstance(e, UserError) else " (HERMES_DEBUG=1 for a traceback)"
+        print(f"error: {str(e).strip(chr(39)) if isinstance(e, KeyError) else e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

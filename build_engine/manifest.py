@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -14,11 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from build_engine import UserError
-from build_engine.sources import sha256_file
 
 NAME = "manifest.json"
 PACKAGES = ("hermes-trtllm", "torch", "transformers", "nvidia-modelopt", "safetensors", "onnx",
             "onnxruntime", "onnxruntime-genai", "tensorrt-llm", "tritonclient")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from build_engine import UserError, manifest
+from client.limits import check_sampling
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,10 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1 (got {self.max_tokens})"),
-            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
-            (self.top_k >= 0, f"top_k must be >= 0 (got {self.top_k})"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
-            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens] (got {self.min_tokens})"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
-            (all(self.stop), "stop sequences must be non-empty strings"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        check_sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, seed=self.seed)
+        if not all(self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
@@ -248,7 +241,7 @@ class CpuEngine:
         if p.request is not None:
             try:
                 p.request.close()
-            except Exception:
+            except Exception:  # og refuses to close a request it already released; nothing is held
                 pass
 
     def _drain_inbox(self) -> None:

@@ -3,7 +3,6 @@ the two offline built-ins (tiny-hermes, smollm2-135m-instruct) materialized into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from build_engine import UserError
+from build_engine.manifest import sha256_file  # noqa: F401  (sources' callers hash with it)
 
 BUILTINS = ("tiny-hermes", "smollm2-135m-instruct")
 # Bumped whenever the built-ins' files change (2: tokenizers portable to transformers 4.57), so that a
@@ -37,14 +37,6 @@ class ModelSource:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HERMES_CACHE", Path.home() / ".cache" / "hermes-trtllm"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # The files a Hugging Face tokenizer is made of. Artifacts carry the source model's own files, byte

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from client.limits import check_sampling
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -34,21 +36,11 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})"),
-            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (got {self.top_k!r})"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})"),
-            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens] (got {self.min_tokens})"),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64), f"seed must be a uint64 (got {self.seed!r})"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop sequences must be non-empty strings"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        check_sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                       frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, seed=self.seed)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
 
 
 @dataclass(frozen=True)

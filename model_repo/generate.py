@@ -59,7 +59,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
     end_id, pad_id = facts["end_id"], facts["pad_id"]
     max_output_len = limits["max_seq_len"] - 1
     tok = {"tokenizer_dir": str(tokenizer_dir), "end_id": str(end_id), "pad_id": str(pad_id),
-           "max_input_len": str(limits["max_input_len"])}
+           "max_input_len": str(limits["max_input_len"]), "max_output_len": str(max_output_len)}
     pre = ModelSpec(
         "preprocessing", "python", max_batch_size,
         inputs=[Tensor("QUERY", S, (1,)), Tensor("REQUEST_OUTPUT_LEN", I32, (1,)),
@@ -106,7 +106,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         outputs=[Tensor("text_output", S, (-1,)), Tensor("finish_reason", S, (1,)),
                  Tensor("prompt_tokens", I32, (1,)), Tensor("completion_tokens", I32, (1,))],
         decoupled=True, instances=instances,
-        parameters={**tok, "max_output_len": str(max_output_len), "tensorrt_llm_model_name": "tensorrt_llm"})
+        parameters={**tok, "tensorrt_llm_model_name": "tensorrt_llm"})
     return [pre, llm, post, ensemble, bls]
 
 

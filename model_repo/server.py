@@ -79,12 +79,11 @@ def backend_dir(cache: Path) -> Path:
         raise UserError(f"nvidia-pytriton has no python backend stub for Python {ver}")
     dest = cache / f"triton-backends-py{ver}"
     if not (dest / "python" / "triton_python_backend_stub").is_file():
-        tmp = dest.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(root / "backends", tmp)
-        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        from build_engine import manifest
+
+        with manifest.staging(dest) as tmp:
+            shutil.copytree(root / "backends", tmp, dirs_exist_ok=True)
+            shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
     return dest
 
 

@@ -132,7 +132,7 @@ def test_server_down_raises_unavailable_after_retries():
 
 SERVER_REFUSALS = [  # every way the deployment refuses a request the client lets through
     ("empty prompt", lambda c: c.stream_text("", max_tokens=8), "text_input is empty"),
-    ("max_tokens over the engine", lambda c: c.stream(QUESTION, max_tokens=10**6), "max_tokens must be between 1"),
+    ("max_tokens over the engine", lambda c: c.stream(QUESTION, max_tokens=10**6), "max_tokens must be at most"),
     ("over-long prompt", lambda c: c.stream([Message("user", "word " * 5000)], max_tokens=8), "accepts at most"),
     ("unsupported on the CPU engine", lambda c: c.stream(QUESTION, max_tokens=8, presence_penalty=0.5),
      "presence_penalty is not supported"),

@@ -197,8 +197,8 @@ def test_cancelled_stream_stops_generation_and_the_next_request_is_served(smol_s
 
 BAD = [
     ("empty prompt", dict(prompt=""), "text_input is empty"),
-    ("max_tokens zero", dict(max_tokens=0), "max_tokens must be between 1"),
-    ("max_tokens too large", dict(max_tokens=10**6), "max_tokens must be between 1"),
+    ("max_tokens zero", dict(max_tokens=0), "max_tokens must be an integer >= 1 (got 0)"),
+    ("max_tokens too large", dict(max_tokens=10**6), "max_tokens must be at most 2047, the engine's output limit"),
     ("unsupported penalty", dict(presence_penalty=(0.5, "FP32")), "not supported"),
     ("bad top_p", dict(top_p=(1.5, "FP32")), "top_p must be in"),
     # No log-prob outputs are declared: the request is refused rather than silently ignored.
@@ -212,13 +212,24 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(smol_server, 
     kw = dict(kw)
     prompt = kw.pop("prompt", format_chatml(QUESTION))
     max_tokens = kw.pop("max_tokens", 16)
-    if model == "ensemble" and case == "max_tokens too large":
-        message = "exceeds the engine's maximum sequence length"
-    if model == "ensemble" and case == "max_tokens zero":
-        message = "max_tokens must be >= 1"
     pieces, err = stream_call(smol_server.grpc_url, model, inputs(prompt, max_tokens, True, **kw))
     assert err is not None and message in err, err
     assert ready(smol_server.http_url)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 10**6])
+def test_an_out_of_range_max_tokens_gets_one_message_from_every_path(smol_server, max_tokens):
+    """One limits function: the ensemble (preprocessing), the BLS and the client's pre-flight check agree."""
+    from client import Client
+
+    errors = [stream_call(smol_server.grpc_url, m, inputs(format_chatml(QUESTION), max_tokens, True))[1]
+              for m in ("ensemble", "tensorrt_llm_bls")]
+    messages = [e.split("invalid request: ", 1)[1] for e in errors]
+    assert messages[0] == messages[1] and "max_tokens must be" in messages[0]
+    if max_tokens == 0:
+        with pytest.raises(ValueError) as e:
+            Client(smol_server.grpc_url).stream(QUESTION, max_tokens=max_tokens)
+        assert str(e.value) == messages[0]
 
 
 def test_over_long_prompt_is_refused(smol_server):
@@ -269,7 +280,8 @@ def test_server_binds_loopback_and_leaves_no_shared_memory_behind(tiny_engine, t
     shm = lambda: {p.name for p in Path("/dev/shm").glob("*")}  # noqa: E731
     before = shm()
     server = TritonServer(generate(tiny_engine, tmp_path / "repo"))
-    assert server.host == "127.0.0.1" and "--grpc-address=127.0.0.1" in server.command(Path("/b"))
+    addresses = {a.split("=")[0]: a.split("=")[1] for a in server.command(Path("/b")) if "-address=" in a}
+    assert addresses == {"--http-address": "127.0.0.1", "--grpc-address": "127.0.0.1", "--metrics-address": "127.0.0.1"}
     server.start()
     assert server.ready()
     assert server.stop() == 0

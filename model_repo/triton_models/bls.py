@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from build_engine.runtime import Detokenizer
+from client.limits import check_sampling
 from model_repo.triton_models.common import (BadRequest, StopText, params, refusal, scalar, strings,
                                              to_words_list)
 
@@ -44,12 +45,12 @@ class TritonPythonModel:
         return None
 
     def _llm_request(self, request, ids, end_id: int, pad_id: int):
-        text_max = scalar(pb_utils, request, "max_tokens")
-        if text_max is None:
+        max_tokens = scalar(pb_utils, request, "max_tokens")
+        if max_tokens is None:
             raise BadRequest("max_tokens is required")
-        max_tokens = int(text_max)
-        if not 1 <= max_tokens <= self.max_output_len:
-            raise BadRequest(f"max_tokens must be between 1 and {self.max_output_len} (got {max_tokens})")
+        given = {name: scalar(pb_utils, request, name) for name in FORWARD}
+        check_sampling(max_tokens=max_tokens, max_output_len=self.max_output_len,
+                       **{k: v for k, v in given.items() if v is not None})
         tensors = [
             pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", np.array([[len(ids)]], dtype=np.int32)),
@@ -60,7 +61,7 @@ class TritonPythonModel:
             pb_utils.Tensor("pad_id", np.array([[pad_id]], dtype=np.int32)),
         ]
         for name, (target, dtype) in FORWARD.items():
-            v = scalar(pb_utils, request, name)
+            v = given[name]
             if v is not None:
                 tensors.append(pb_utils.Tensor(target, np.array([[v]], dtype=dtype)))
         for name, target in (("stop_words", "stop_words_list"), ("bad_words", "bad_words_list")):

@@ -4,6 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
+from client.limits import check_sampling
 from model_repo.triton_models.common import BadRequest, params, refusal, scalar, strings, to_words_list
 
 
@@ -12,7 +13,7 @@ class TritonPythonModel:
         p = params(args)
         self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
-        self.max_input_len = int(p["max_input_len"])
+        self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
 
     def _one(self, request):
         text = scalar(pb_utils, request, "QUERY")
@@ -24,6 +25,7 @@ class TritonPythonModel:
         if len(ids) > self.max_input_len:
             raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
         out_len = scalar(pb_utils, request, "REQUEST_OUTPUT_LEN")
+        check_sampling(max_tokens=out_len, max_output_len=self.max_output_len)  # the backend would take any
         end_id = scalar(pb_utils, request, "END_ID", self.end_id)
         pad_id = scalar(pb_utils, request, "PAD_ID", self.pad_id)
         tensors = [
@@ -42,6 +44,6 @@ class TritonPythonModel:
         for r in requests:
             try:
                 responses.append(self._one(r))
-            except BadRequest as e:
+            except (BadRequest, ValueError) as e:
                 responses.append(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))))
         return responses
