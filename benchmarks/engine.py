@@ -8,27 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
-from benchmarks.runner import RunConfig, prompts_for
-from client import Message, format_chatml
+from benchmarks.metrics import RequestOutput, calculate_metrics
+from benchmarks.runner import RunConfig, prompts_for, record_sync
+from client import Chunk, Message, format_chatml
 
 
 def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter) -> RequestOutput:
     from build_engine.runtime import Sampling
 
-    out = RequestOutput(prompt_tokens=len(ids))
-    timer = ChunkTimer(out, clock())
-    try:
+    def chunks():
+        n_tokens = 0
         for step in engine.submit(ids, Sampling(max_tokens=output_len, min_tokens=output_len)):
-            timer.observe(clock(), bool(step.text))
-            if step.token_id is not None:
-                out.output_tokens += 1
             if step.error:
                 raise RuntimeError(step.error)
-        timer.finish()
-    except Exception as e:
-        out.error = f"{type(e).__name__}: {e}"
-    return out
+            n_tokens += step.token_id is not None
+            yield Chunk(step.text, prompt_tokens=len(ids), completion_tokens=n_tokens)
+
+    return record_sync(chunks(), clock)
 
 
 def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> list[dict]:

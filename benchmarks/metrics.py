@@ -54,6 +54,34 @@ class ChunkTimer:
             self.out.error = "no output"
 
 
+class Recorder:
+    """One request's RequestOutput from the chunks of its stream, however they arrive (async client,
+    blocking client, OpenAI server, engine alone): one place counts tokens and times chunks. A chunk
+    is anything with `text` and optional `prompt_tokens`/`completion_tokens`; a server's own token
+    count wins over counting non-empty chunks."""
+
+    def __init__(self, clock):
+        self.clock, self.out = clock, RequestOutput()
+        self.timer = ChunkTimer(self.out, clock())
+        self.n_text_chunks = 0
+
+    def chunk(self, chunk) -> None:
+        self.timer.observe(self.clock(), bool(chunk.text))
+        self.n_text_chunks += bool(chunk.text)
+        completion = getattr(chunk, "completion_tokens", None)
+        self.out.output_tokens = completion if completion is not None else self.n_text_chunks
+        if getattr(chunk, "prompt_tokens", None) is not None:
+            self.out.prompt_tokens = chunk.prompt_tokens
+
+    def done(self) -> RequestOutput:
+        self.timer.finish()
+        return self.out
+
+    def failed(self, e: Exception) -> RequestOutput:
+        self.out.error = f"{type(e).__name__}: {e}"  # counted, never lost
+        return self.out
+
+
 def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
     if not values_s:
         return {f"mean_{name}_ms": None, f"std_{name}_ms": None,

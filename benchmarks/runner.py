@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.metrics import ChunkTimer, RequestOutput, calculate_metrics
+from benchmarks.metrics import Recorder, RequestOutput, calculate_metrics
 from client import AsyncClient, Chunk, Client, Message
 
 
@@ -54,27 +54,26 @@ def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
             for i in range(n)]
 
 
-def _observe(out: RequestOutput, timer: ChunkTimer, chunk, now: float, n_chunks: int) -> None:
-    timer.observe(now, bool(chunk.text))
-    # The BLS model reports token counts; the ensemble does not: count its (token-sized) chunks.
-    out.output_tokens = chunk.completion_tokens if chunk.completion_tokens is not None else n_chunks
-    if chunk.prompt_tokens is not None:
-        out.prompt_tokens = chunk.prompt_tokens
-
-
 async def record(chunks, clock=time.perf_counter) -> RequestOutput:
-    """One request's RequestOutput from its async stream of Chunks; never raises (failures are counted)."""
-    out = RequestOutput()
-    timer = ChunkTimer(out, clock())
+    """One request's RequestOutput from its async stream of chunks; never raises (failures are counted)."""
+    rec = Recorder(clock)
     try:
-        n = 0
         async for chunk in chunks:
-            n += bool(chunk.text)
-            _observe(out, timer, chunk, clock(), n)
-        timer.finish()
-    except Exception as e:  # counted, never lost
-        out.error = f"{type(e).__name__}: {e}"
-    return out
+            rec.chunk(chunk)
+        return rec.done()
+    except Exception as e:
+        return rec.failed(e)
+
+
+def record_sync(chunks, clock=time.perf_counter) -> RequestOutput:
+    """The same for a blocking iterator of chunks (the HTTP transport, the engine alone)."""
+    rec = Recorder(clock)
+    try:
+        for chunk in chunks:
+            rec.chunk(chunk)
+        return rec.done()
+    except Exception as e:
+        return rec.failed(e)
 
 
 async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
@@ -96,17 +95,7 @@ async def openai_chunks(client, model: str, prompt: str, output_len: int):
 
 def one_request_sync(client: Client, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
     """The same over the blocking client (the HTTP transport)."""
-    out = RequestOutput()
-    timer = ChunkTimer(out, clock())
-    try:
-        n = 0
-        for chunk in client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len):
-            n += bool(chunk.text)
-            _observe(out, timer, chunk, clock(), n)
-        timer.finish()
-    except Exception as e:
-        out.error = f"{type(e).__name__}: {e}"
-    return out
+    return record_sync(client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len), clock)
 
 
 def _gaps(cfg: RunConfig, rng: random.Random):

@@ -41,6 +41,24 @@ def test_request_timing_invariants_with_a_scripted_clock():
     assert out.tpot_s == pytest.approx((0.8 - 0.5) / 2)
 
 
+def test_every_transport_records_a_request_alike():
+    """One recorder: the async path, the blocking path and the engine-only adapter agree on timing and
+    token counts for the same chunks (a server's count wins over counting chunks)."""
+    from benchmarks.runner import record, record_sync
+
+    for chunks, want_tokens in (([Chunk("a"), Chunk(" b"), Chunk("", "stop", 4, 2)], 2),  # counted by the server
+                                ([Chunk("a"), Chunk(""), Chunk(" b"), Chunk(" c")], 3)):  # counted as text chunks
+        times = [0.0, 0.2, 0.3, 0.5, 0.5]
+
+        async def agen():
+            for c in chunks:
+                yield c
+
+        a = asyncio.run(record(agen(), scripted_clock(times)))
+        b = record_sync(iter(chunks), scripted_clock(times))
+        assert a == b and a.output_tokens == want_tokens and a.success
+
+
 def test_a_failed_request_is_counted_not_raised():
     out = asyncio.run(one_request(FakeClient([Chunk("a")], fail=True), "p", 3, scripted_clock([0.0, 0.1])))
     assert not out.success and "connection reset" in out.error
