@@ -55,7 +55,8 @@ def block_sizes(engine_dir: Path) -> list[int]:
 
 
 def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 128, repeats: int = 3) -> dict:
-    from build_engine import manifest, onnx_engine
+    from build_engine import manifest
+    from build_engine.cpu import graph
 
     ck = manifest.read(checkpoint, "trtllm-checkpoint")
     group = ck["quantization"]["group_size"]
@@ -70,7 +71,7 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
     for level in (1, 4):
         eng = work / f"hermes-level{level}"
         if not (eng / "manifest.json").is_file():
-            onnx_engine.build(checkpoint, eng, accuracy_level=level)
+            graph.build(checkpoint, eng, accuracy_level=level)
         rows[f"hermes-trtllm int4 g{group} accuracy {level}"] = {**measure(eng, ids, new_tokens, repeats),
                                                                  "block_sizes": block_sizes(eng)}
     peer = peer_engine(Path(ck["source"]["path"]), work / "og-builder", group)

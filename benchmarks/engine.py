@@ -14,7 +14,7 @@ from client import Chunk, Message, format_chatml
 
 
 def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter) -> RequestOutput:
-    from build_engine.runtime import Sampling
+    from build_engine.cpu import Sampling
 
     def chunks():
         n_tokens = 0
@@ -28,7 +28,7 @@ def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter
 
 
 def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> list[dict]:
-    from build_engine.runtime import CpuEngine
+    from build_engine.cpu import CpuEngine
 
     engine = CpuEngine(engine_dir)
     tok = engine.tokenizer

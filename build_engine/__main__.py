@@ -41,12 +41,12 @@ def _build(args) -> int:
         if args.dry_run:
             print(shlex.join(cmd))
         return 0
-    from build_engine import onnx_engine
+    from build_engine.cpu import graph
 
     if args.dry_run:
         print(f"would write a CPU engine (ONNX INT4, accuracy level {args.accuracy_level}) to {args.output}")
         return 0
-    onnx_engine.build(Path(args.checkpoint), Path(args.output), accuracy_level=args.accuracy_level)
+    graph.build(Path(args.checkpoint), Path(args.output), accuracy_level=args.accuracy_level)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build_engine import UserError, calibration, checkpoint, manifest, presets, sources
+from build_engine.tokenization import load_tokenizer
 from build_engine.cli import quiet_progress
 
 ALGORITHMS = ("awq_lite", "awq_full")
@@ -76,15 +77,6 @@ def awq_config(group_size: int, algorithm: str) -> dict:
         sizes[-1] = group_size
     cfg["algorithm"] = {"method": algorithm}
     return cfg
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer from {path}: {e}") from None
 
 
 def load_model(path: Path):

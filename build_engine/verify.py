@@ -37,27 +37,23 @@ class VerifySettings:
     near_tie: float = 1e-4
 
 
-def engine_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
-    """Logits [S, V] from the engine's ONNX graph for one prompt, no past."""
-    cfg = json.loads((engine_dir / "genai_config.json").read_text())["model"]["decoder"]
-    sess = _session(engine_dir)
-    feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
-    empty = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_size"]), dtype=np.float32)
-    for i in range(cfg["num_hidden_layers"]):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
-    return sess.run(["logits"], feeds)[0][0]
+def engine_logits(engine_dir: Path, ids: list[int], chunk: int = 1) -> np.ndarray:
+    """The engine's logits after each chunk of `ids`, fed through its KV cache as the scheduler
+    feeds a prompt: with chunk=1, one row per position [S, V] (every step a decode step)."""
+    from build_engine.cpu.decoder import Decoder
+
+    dec = _DECODERS.get(str(engine_dir))
+    if dec is None or dec.capacity < len(ids):
+        dec = _DECODERS[str(engine_dir)] = Decoder(engine_dir, rows=1, capacity=max(len(ids), 256))
+    rows = []
+    for start in range(0, len(ids), chunk):
+        end = min(start + chunk, len(ids))
+        rows.append(dec.forward(0, np.array([ids[start:end]], dtype=np.int64), [end])[0].copy())
+    dec.release(0)
+    return np.stack(rows)
 
 
-_SESSIONS: dict[str, object] = {}
-
-
-def _session(engine_dir: Path):
-    import onnxruntime as ort
-
-    key = str(engine_dir.resolve())
-    if key not in _SESSIONS:
-        _SESSIONS[key] = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    return _SESSIONS[key]
+_DECODERS: dict[str, object] = {}
 
 
 def rtn_quantize_(model, group_size: int) -> None:
@@ -87,7 +83,7 @@ def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
     from transformers import AutoModelForCausalLM
 
     from build_engine.reference import Reference
-    from build_engine.runtime import CpuEngine, Sampling
+    from build_engine.cpu import CpuEngine, Sampling
 
     ck_m = manifest.read(ckpt, "trtllm-checkpoint")
     eng_m = manifest.read(engine_dir, "cpu-engine")

@@ -40,9 +40,9 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_ckpt) -> Path:
-    from build_engine import onnx_engine
+    from build_engine.cpu import graph
 
-    return onnx_engine.build(tiny_ckpt, tiny_ckpt.parent / "engine-cpu", accuracy_level=1)
+    return graph.build(tiny_ckpt, tiny_ckpt.parent / "engine-cpu", accuracy_level=1)
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +58,16 @@ def smol_ckpt(smol_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smol_engine(smol_ckpt) -> Path:
     """The serving engine: accuracy level 4 (int8 activations), the default."""
-    from build_engine import onnx_engine
+    from build_engine.cpu import graph
 
-    return onnx_engine.build(smol_ckpt, smol_ckpt.parent / "engine-cpu", accuracy_level=4)
+    return graph.build(smol_ckpt, smol_ckpt.parent / "engine-cpu", accuracy_level=4)
 
 
 @pytest.fixture(scope="session")
 def smol_engine_fp32(smol_ckpt) -> Path:
-    from build_engine import onnx_engine
+    from build_engine.cpu import graph
 
-    return onnx_engine.build(smol_ckpt, smol_ckpt.parent / "engine-cpu-fp32", accuracy_level=1)
+    return graph.build(smol_ckpt, smol_ckpt.parent / "engine-cpu-fp32", accuracy_level=1)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def smol_runtime(smol_engine_fp32):
     """The runner on the fp32-compute engine: batch-invariant, so concurrent greedy requests give
     exactly their solo results (at accuracy level 4, int8 activations take different kernel paths
     for one row and for a batch, and near-ties can flip)."""
-    from build_engine.runtime import CpuEngine
+    from build_engine.cpu import CpuEngine
 
     engine = CpuEngine(smol_engine_fp32)
     yield engine

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from build_engine import checkpoint, manifest, onnx_engine
+from build_engine import checkpoint, manifest
+from build_engine.cpu import Sampling, graph
 from build_engine.reference import Reference
-from build_engine.runtime import Detokenizer, Sampling
+from build_engine.tokenization import Detokenizer
 from build_engine.verify import engine_logits
 
 
 def test_matmulnbits_repack_puts_even_k_in_the_low_nibble():
     codes = np.array([[-8, 7, 0, -1]], dtype=np.int8)
-    packed = onnx_engine.repack_for_matmulnbits(codes, group=4)
+    packed = graph.repack_for_matmulnbits(codes, group=4)
     assert packed.shape == (1, 1, 2)
     assert packed[0, 0, 0] == (0 | (15 << 4)) and packed[0, 0, 1] == (8 | (7 << 4))
 
@@ -55,9 +56,12 @@ def test_reference_matches_transformers_with_the_dequantized_weights(tiny_ckpt, 
 def test_engine_logits_match_the_reference(tiny_engine, tiny_ckpt, n_tokens):
     ids = np.random.default_rng(n_tokens).integers(3, 32000, n_tokens).tolist()
     want = Reference(tiny_ckpt, 32002, 64).logits(ids)
-    got = engine_logits(tiny_engine, ids)
+    got = engine_logits(tiny_engine, ids)  # one token per step: the decode path at every position
     assert got.shape == (n_tokens, 32002)  # sliced to the real vocabulary
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    # Chunked prefill (the scheduler's prompt path) gives the last position's logits as well.
+    chunked = engine_logits(tiny_engine, ids, chunk=64)
+    assert np.abs(chunked[-1] - want[-1]).max() / np.abs(want).max() < 1e-4
 
 
 def test_window_is_really_applied(tiny_engine, tiny_ckpt):
@@ -89,7 +93,7 @@ def test_smollm2_answers_paris_and_stops_at_im_end(smol_runtime):
 
 
 def test_default_int8_activation_engine_answers_paris(smol_engine):
-    from build_engine.runtime import CpuEngine
+    from build_engine.cpu import CpuEngine
 
     engine = CpuEngine(smol_engine)
     try:
@@ -141,14 +145,82 @@ def test_max_tokens_reports_length(smol_runtime):
     assert len(toks) == 5 and reason == "length"
 
 
-def test_sampling_explores_and_seeds_are_refused_clearly(smol_runtime):
-    ids = chat(smol_runtime.tokenizer, "Write a poem about the moon.")
+def test_sampling_explores_and_seeds_reproduce_whatever_the_batch(smol_runtime):
+    tok = smol_runtime.tokenizer
+    ids = chat(tok, "Write a poem about the moon.")
     s = Sampling(max_tokens=24, temperature=1.5, top_k=50, top_p=0.95)
     greedy = smol_runtime.generate(ids, Sampling(max_tokens=24))[0]
     samples = {tuple(smol_runtime.generate(ids, s)[0]) for _ in range(3)}
     assert len(samples) > 1 and tuple(greedy) not in samples
-    with pytest.raises(ValueError, match="seeds are not supported"):
-        smol_runtime.submit(ids, Sampling(seed=1))
+    seeded = Sampling(max_tokens=24, temperature=1.2, top_p=0.9, seed=1234)
+    alone = smol_runtime.generate(ids, seeded)[0]
+    # The same seed with other requests in the batch, sampled ones drawing from their own generators.
+    others = [smol_runtime.submit(chat(tok, q), Sampling(max_tokens=30, temperature=1.0))
+              for q in ("Tell me a story.", "Name a fruit.")]
+    in_batch = smol_runtime.generate(ids, seeded)[0]
+    for o in others:
+        list(o)
+    assert in_batch == alone
+    assert smol_runtime.generate(ids, Sampling(max_tokens=24, temperature=1.2, top_p=0.9, seed=4321))[0] != alone
+
+
+def test_a_request_joins_the_running_batch_and_changes_nothing_for_it(smol_runtime):
+    tok = smol_runtime.tokenizer
+    long_ids, short_ids = chat(tok, "Tell me a long story about a dragon."), chat(tok, "What is 2+2?")
+    long_s = Sampling(max_tokens=120, ignore_eos=True)
+    solo_long = smol_runtime.generate(long_ids, long_s)[0]
+    solo_short = smol_runtime.generate(short_ids, Sampling(max_tokens=8))[0]
+    long_tokens = []
+    stream = smol_runtime.submit(long_ids, long_s)
+    for step in stream:
+        if step.token_id is not None:
+            long_tokens.append(step.token_id)
+        if len(long_tokens) == 10:
+            joined = {}
+            t = threading.Thread(target=lambda: joined.update(
+                out=smol_runtime.generate(short_ids, Sampling(max_tokens=8))[0], at=len(long_tokens)))
+            t.start()
+    t.join()
+    assert joined["at"] < len(long_tokens) == 120  # the short one finished while the long one ran
+    assert joined["out"] == solo_short and long_tokens == solo_long  # greedy: bit-identical to solo
+
+
+def test_a_cancelled_request_frees_its_row_for_a_waiting_one_at_the_next_step(smol_engine_fp32):
+    from build_engine.cpu import CpuEngine
+
+    engine = CpuEngine(smol_engine_fp32, max_batch_size=2)
+    try:
+        ids = chat(engine.tokenizer, "Tell me a long story.")
+        s = Sampling(max_tokens=400, ignore_eos=True)
+        first, second, third = engine.submit(ids, s), engine.submit(ids, s), engine.submit(ids, Sampling(max_tokens=4))
+        next(iter(second))
+        it = iter(first)
+        next(it)
+        assert engine.running_requests() == 2 and third.admitted_step is None  # queued, not failed
+        first.close()
+        assert len([st for st in third if st.token_id is not None]) == 4
+        assert third.admitted_step == first.finished_step
+        second.close()
+    finally:
+        engine.close()
+
+
+def test_a_full_kv_budget_queues_requests_instead_of_failing(smol_engine_fp32):
+    from build_engine.cpu import CpuEngine
+
+    engine = CpuEngine(smol_engine_fp32, kv_cache_tokens=200)
+    try:
+        ids = chat(engine.tokenizer, "Name a fruit.")
+        s = Sampling(max_tokens=200 - len(ids), ignore_eos=True)
+        with pytest.raises(ValueError, match="KV cache budget of 200 tokens"):
+            engine.submit(ids + [1], s)
+        a, b = engine.submit(ids, s), engine.submit(ids, Sampling(max_tokens=5))
+        out_a, out_b = [st for st in a], [st for st in b]
+        assert a.finish_reason == "length" and b.finish_reason in ("length", "stop")
+        assert b.admitted_step >= a.finished_step  # b waited for a's reservation to be returned
+        assert not any(st.error for st in out_a + out_b)
+    finally:
+        engine.close()
 
 
 def test_prompt_limits_are_enforced(smol_runtime):

@@ -13,9 +13,8 @@ import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 
-from build_engine.runtime import Detokenizer
+from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
 from model_repo.triton_models.common import (BadRequest, StopText, params, refusal, scalar, strings,
                                              to_words_list)
@@ -33,7 +32,7 @@ FORWARD = {
 class TritonPythonModel:
     def initialize(self, args):
         p = params(args)
-        self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
+        self.tok = load_tokenizer(p["tokenizer_dir"])
         self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
 

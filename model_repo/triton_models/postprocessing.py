@@ -4,7 +4,7 @@ streamed chunks never split a character (on the GPU backend use the BLS model fo
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
+from build_engine.tokenization import load_tokenizer
 
 from model_repo.triton_models.common import params
 
@@ -12,7 +12,7 @@ from model_repo.triton_models.common import params
 class TritonPythonModel:
     def initialize(self, args):
         p = params(args)
-        self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
+        self.tok = load_tokenizer(p["tokenizer_dir"])
         self.skip = {int(p["end_id"]), int(p["pad_id"])}
         self.prefix = self.tok("a", add_special_tokens=False)["input_ids"][-1:]
         self.prefix_text = self.tok.decode(self.prefix)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
+from build_engine.tokenization import load_tokenizer
 
 from client.limits import check_sampling
 from model_repo.triton_models.common import BadRequest, params, refusal, scalar, strings, to_words_list
@@ -11,7 +11,7 @@ from model_repo.triton_models.common import BadRequest, params, refusal, scalar,
 class TritonPythonModel:
     def initialize(self, args):
         p = params(args)
-        self.tok = AutoTokenizer.from_pretrained(p["tokenizer_dir"])
+        self.tok = load_tokenizer(p["tokenizer_dir"])
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
         self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
 

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from build_engine.runtime import CpuEngine, Sampling
+from build_engine.cpu import CpuEngine, Sampling
 from model_repo import backend_contract
 from model_repo.triton_models.common import BadRequest, from_words_list, params, refusal, scalar
 

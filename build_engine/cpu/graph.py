@@ -1,5 +1,6 @@
-"""The CPU engine: an ONNX INT4 decoder written from the TensorRT-LLM W4A16_AWQ checkpoint, run by
-onnxruntime-genai. It executes the same codes, scales and pre-quant factors that trtllm-build
+"""The CPU engine's graph writer: an ONNX INT4 decoder written from the TensorRT-LLM W4A16_AWQ
+checkpoint, run by build_engine.cpu.scheduler (its genai_config.json keeps it loadable by
+onnxruntime-genai too). It executes the same codes, scales and pre-quant factors that trtllm-build
 consumes, so CPU tests check the GPU artifact.
 
 Per layer (x: [B, S, H]):
@@ -8,7 +9,7 @@ Per layer (x: [B, S, H]):
   a  = GroupQueryAttention(qkv, past, rotary cos/sin, local_window_size = sliding window)
   x' = x + MatMulNBits(a * prequant_dense)
   m  = silu(MatMulNBits(h' * p_fc)) * MatMulNBits(h' * p_gate);  x'' = x' + MatMulNBits(m * p_proj)
-logits = ln_f(x) @ lm_head[:real_vocab]^T       # padded rows are dropped, never sampled
+logits = ln_f(x)[:, -1] @ lm_head[:real_vocab]^T  # last position only; padded rows dropped, never sampled
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
     B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, real_vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, 1, real_vocab])]
 
     # GroupQueryAttention wants seqlens_k = (tokens so far) - 1 and the total length, both int32.
     one = g.init("const.one", np.array([1], dtype=np.int64))
@@ -140,9 +141,11 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
         x = _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level)
     final = g.node("SkipSimplifiedLayerNormalization", [residual, x, g.init("ln_f", ck.tensor("transformer.ln_f.weight"))],
                    "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
+    # Only the last position's logits are computed: the next token is all the runtime samples.
+    last = g.node("Gather", [final, g.init("const.last", np.array([-1], dtype=np.int64))], "last_token", axis=1)[0]
     # lm_head stays dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact.
     lm_head = ck.tensor("lm_head.weight")[:real_vocab].T.copy()  # [H, V]
-    g.nodes.append(helper.make_node("MatMul", [final, g.init("lm_head", lm_head)], ["logits"], name="lm_head"))
+    g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", lm_head)], ["logits"], name="lm_head"))
 
     graph = helper.make_graph(g.nodes, "hermes_trtllm_cpu_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
@@ -206,7 +209,7 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
             preset=ck_manifest.get("preset"),
             settings={"accuracy_level": accuracy_level, "context_length": context_length,
                       "sliding_window": facts.get("sliding_window"), "kv_cache_dtype": "float32",
-                      "group_size": ck.shapes.group_size, "lm_head": "dense fp32, sliced to the real vocabulary"},
+                      "group_size": ck.shapes.group_size, "lm_head": "dense fp32, sliced to the real vocabulary", "logits": "last position"},
             limits=vars(limits), model=facts,
         )
     return output

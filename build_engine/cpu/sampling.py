@@ -1,0 +1,110 @@
+"""Per-request sampling for the CPU engine: what a request asks for (`Sampling`) and the state that
+turns one row of logits into its next token (`Sampler`).
+
+Every request owns its random generator, seeded from its own `seed`, so a seeded request draws the
+same tokens whichever requests share its batch. Order, as in TensorRT-LLM's sampling layers:
+penalties and bans on the raw logits, then temperature, top-k, top-p, and the draw (greedy takes
+the arg-max after penalties). Penalty conventions: repetition divides positive / multiplies
+negative logits of every token seen in the prompt or the output; presence and frequency subtract
+per token generated so far (OpenAI's definition)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.limits import check_sampling
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None  # None: fresh entropy per request
+    min_tokens: int = 0  # end ids are banned until this many tokens
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text
+    stop_token_ids: tuple[int, ...] = ()  # end the request like the end id (not emitted)
+    ignore_eos: bool = False  # the engine's own end id does not end the request
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
+
+    def __post_init__(self):
+        check_sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                       frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, seed=self.seed)
+        if not all(self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
+        if not all(self.bad_words):
+            raise ValueError("bad words must be non-empty token sequences")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    """One request's sampling state: its generator, the tokens seen, and its end ids."""
+
+    def __init__(self, s: Sampling, prompt: list[int], vocab_size: int, engine_end_id: int):
+        self.s = s
+        self.rng = np.random.default_rng(s.seed)
+        self.end_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else {engine_end_id})
+        self._end_list = np.array(sorted(i for i in self.end_ids if 0 <= i < vocab_size), dtype=np.int64)
+        self.history = list(prompt)
+        self.generated = 0
+        self._penalize = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
+        if self._penalize:
+            self.counts = np.zeros(vocab_size, dtype=np.float32)  # output tokens only
+            self.seen = np.zeros(vocab_size, dtype=bool)  # prompt and output
+            self.seen[np.asarray(prompt, dtype=np.int64)] = True
+
+    def _adjust(self, logits: np.ndarray) -> np.ndarray:
+        s = self.s
+        x = logits.astype(np.float32, copy=True)
+        if self._penalize:
+            if s.repetition_penalty != 1:
+                seen = x[self.seen]
+                x[self.seen] = np.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+            if s.presence_penalty:
+                x -= s.presence_penalty * (self.counts > 0)
+            if s.frequency_penalty:
+                x -= s.frequency_penalty * self.counts
+        for word in s.bad_words:
+            n = len(word) - 1
+            if n == 0 or self.history[-n:] == list(word[:-1]):
+                x[word[-1]] = -np.inf
+        if self.generated < s.min_tokens and self._end_list.size:
+            x[self._end_list] = -np.inf
+        return x
+
+    def next_token(self, logits: np.ndarray) -> int:
+        """The next token from one row of logits [V]; records it as generated."""
+        x = self._adjust(logits)
+        s = self.s
+        if s.greedy:
+            token = int(np.argmax(x))
+        else:
+            x /= s.temperature
+            if 0 < s.top_k < x.size:
+                kth = np.argpartition(x, -s.top_k)[-s.top_k:]
+                keep = np.full(x.size, -np.inf, dtype=np.float32)
+                keep[kth] = x[kth]
+                x = keep
+            order = np.argsort(-x, kind="stable")
+            p = np.exp(x[order] - x[order[0]])
+            p /= p.sum()
+            if s.top_p < 1:
+                cut = int(np.searchsorted(np.cumsum(p), s.top_p)) + 1  # smallest prefix with mass >= top_p
+                p = p[:cut] / p[:cut].sum()
+            token = int(order[min(int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right")), p.size - 1)])
+        self.generated += 1
+        self.history.append(token)
+        if self._penalize:
+            self.counts[token] += 1
+            self.seen[token] = True
+        return token

@@ -1,0 +1,76 @@
+"""The CPU engine's sampler against direct numpy computations of each rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from build_engine.cpu.sampling import Sampler, Sampling
+
+V, END = 50, 49
+
+
+def logits(seed=0):
+    return np.random.default_rng(seed).normal(size=V).astype(np.float32)
+
+
+def test_greedy_is_the_argmax():
+    x = logits()
+    assert Sampler(Sampling(), [1, 2], V, END).next_token(x) == int(np.argmax(x))
+
+
+def test_penalties_follow_their_definitions():
+    x = logits(1)
+    prompt, out = [3, 4], [5, 5, 6]
+    s = Sampler(Sampling(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25), prompt, V, END)
+    for t in out:
+        s.history.append(t)
+        s.counts[t] += 1
+        s.seen[t] = True
+    want = x.copy()
+    for t in {3, 4, 5, 6}:  # repetition: prompt and output
+        want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
+    counts = np.bincount(out, minlength=V)
+    want -= 0.5 * (counts > 0) + 0.25 * counts  # presence and frequency: output only
+    np.testing.assert_allclose(s._adjust(x), want, rtol=1e-6)
+
+
+def test_min_tokens_bans_every_end_id_until_reached():
+    x = np.zeros(V, dtype=np.float32)
+    x[END], x[7] = 10, 9
+    s = Sampler(Sampling(min_tokens=2, stop_token_ids=(7,)), [1], V, END)
+    x[8] = 1
+    assert [s.next_token(x), s.next_token(x), s.next_token(x)] == [8, 8, END]
+
+
+def test_bad_words_ban_the_token_that_would_complete_them():
+    x = np.zeros(V, dtype=np.float32)
+    x[10], x[11] = 5, 4
+    s = Sampler(Sampling(bad_words=((2, 10),)), [1, 2], V, END)
+    assert s.next_token(x) == 11  # history ends with 2: 10 would complete [2, 10]
+    assert s.next_token(x) == 10  # history now ends with 11
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
+def test_draws_stay_inside_top_k_and_the_nucleus(top_k, top_p):
+    x = logits(2)
+    p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    order = np.argsort(-p)
+    allowed = set(order[: top_k or V].tolist())
+    nucleus = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    allowed &= set(nucleus.tolist()) if top_p < 1 else allowed
+    s = Sampler(Sampling(temperature=1.0, top_k=top_k, top_p=top_p, seed=3, max_tokens=400), [1], V, END)
+    drawn = {s.next_token(x) for _ in range(300)}
+    assert drawn <= allowed and len(drawn) > 1
+
+
+def test_a_seed_reproduces_and_frequencies_follow_the_distribution():
+    x = logits(4)
+    mk = lambda seed: Sampler(Sampling(temperature=0.7, seed=seed, max_tokens=5000), [1], V, END)
+    a, b = mk(9), mk(9)
+    draws = [a.next_token(x) for _ in range(4000)]
+    assert draws[:50] == [b.next_token(x) for _ in range(50)]
+    p = np.exp(x / 0.7 - (x / 0.7).max())
+    p /= p.sum()
+    freq = np.bincount(draws, minlength=V) / len(draws)
+    assert np.abs(freq - p).max() < 0.03
