@@ -172,7 +172,7 @@ def _suite(args) -> int:
 def _cpu_engine(args) -> int:
     from benchmarks import cpu_engine
 
-    result = cpu_engine.run(Path(args.checkpoint), Path(args.out), args.prompt_tokens, args.new_tokens, args.repeats)
+    result = cpu_engine.run(Path(args.checkpoint), Path(args.out), args.prompt_tokens, args.new_tokens, args.rounds)
     print(cpu_engine.table(result))
     print(f"results in {args.out}/cpu_engine.json")
     return 0
@@ -230,11 +230,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output-len", type=int, default=64)
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)
-    s = sub.add_parser("cpu-engine", help="CPU engine batch-1 prefill/decode vs onnxruntime-genai's own builder")
+    s = sub.add_parser("cpu-engine", help="CPU engine prefill, decode and batch 4/8 throughput under its scheduler, "
+                                          "interleaved with onnxruntime-genai's own builder")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt-tokens", type=int, default=40)
     s.add_argument("--new-tokens", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_cpu_engine)
     return p

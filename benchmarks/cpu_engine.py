@@ -1,6 +1,9 @@
-"""CPU engine speed at batch 1: prefill time and decode tok/s for our engine at accuracy levels 1 and
-4, beside onnxruntime-genai's own builder (`-p int4`, same block size) on the original model as the
-peer, all measured by one harness (og.Generator, greedy, fixed lengths, median of repeats)."""
+"""CPU engine speed: prefill time, batch-1 decode tok/s and total tok/s at batch 4 and 8, for our
+engine under its own scheduler (the serving path) at accuracy levels 1 and 4, beside
+onnxruntime-genai's own builder (`-p int4`, same block size, og.Generator with a static batch) on
+the original model. Engines are timed round by round, A B C A B C ..., so drift hits all alike;
+greedy, fixed lengths (end id ignored), medians over the rounds. Peak RSS is measured per engine
+in a fresh process (load, warm-up, one batch-1 request)."""
 
 from __future__ import annotations
 
@@ -8,83 +11,160 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+PROMPT_TEXT = "The history of computing is long and full of surprises, from {} to the machines of today. " * 8
+SUBJECTS = ("the abacus", "looms", "relays", "valves", "transistors", "chips", "clusters", "phones")
 
-def measure(engine_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
-    import onnxruntime_genai as og
 
-    model = og.Model(str(engine_dir))
-    prefill, decode = [], []
-    for _ in range(repeats + 1):  # the first run warms up
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False, min_length=0)
-        gen = og.Generator(model, params)
+class Ours:
+    """The project's engine through CpuEngine (the scheduler the Triton model uses)."""
+
+    def __init__(self, engine_dir: Path, batch_invariant: bool = True):
+        from build_engine.cpu import CpuEngine
+
+        self.engine = CpuEngine(engine_dir, batch_invariant=batch_invariant)
+        self.tokenizer = self.engine.tokenizer
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float]]:
+        """Per request: (time to first token, time to last token), from the common start."""
+        from build_engine.cpu import Sampling
+
         t0 = time.perf_counter()
-        gen.append_tokens(prompt_ids)
+        out = [None] * len(prompts)
+
+        def one(i):
+            first = None
+            for step in self.engine.submit(prompts[i], Sampling(max_tokens=new_tokens, ignore_eos=True)):
+                if step.token_id is not None and first is None:
+                    first = time.perf_counter() - t0
+            out[i] = (first, time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        return out
+
+    def close(self):
+        self.engine.close()
+
+
+class OgGenerator:
+    """onnxruntime-genai's og.Generator: a static batch, every row the same length."""
+
+    def __init__(self, engine_dir: Path):
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        self.og, self.model = og, og.Model(str(engine_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(engine_dir)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float]]:
+        import numpy as np
+
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompts[0]) + new_tokens, min_length=len(prompts[0]) + new_tokens,
+                                  do_sample=False, batch_size=len(prompts))
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.array(prompts, dtype=np.int32))
         gen.generate_next_token()
-        t1 = time.perf_counter()
+        first = time.perf_counter() - t0
         n = 1
         while n < new_tokens and not gen.is_done():
             gen.generate_next_token()
             n += 1
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        decode.append((n - 1) / (t2 - t1) if n > 1 else float("nan"))
+        end = time.perf_counter() - t0
         del gen
-    return {"prefill_ms": 1000 * statistics.median(prefill[1:]), "decode_tok_s": statistics.median(decode[1:]),
-            "runs": repeats, "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens}
+        return [(first, end)] * len(prompts)
+
+    def close(self):
+        pass
+
+
+def _rss_probe(kind: str, engine_dir: str, prompt: list[int], new_tokens: int) -> float:
+    """Peak RSS (MiB) of a fresh process that loads the engine and runs one batch-1 request."""
+    code = (f"import json,sys,resource; from benchmarks.cpu_engine import make; e=make({kind!r}, {engine_dir!r}); "
+            f"e.run([{prompt!r}], {new_tokens}); e.close(); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def make(kind: str, engine_dir: str):
+    return {"ours": lambda: Ours(Path(engine_dir)), "ours-no-invariance": lambda: Ours(Path(engine_dir), False),
+            "og": lambda: OgGenerator(Path(engine_dir))}[kind]()
 
 
 def peer_engine(hf_dir: Path, out: Path, block_size: int) -> Path:
-    """onnxruntime-genai's own builder: int4 (MatMulNBits, accuracy level 4), CPU."""
+    """onnxruntime-genai's own builder: int4 (MatMulNBits, accuracy level 4), CPU. (og 0.18 reads
+    `block_size`/`accuracy_level`; the `int4_` spellings are silently ignored.)"""
     if not (out / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                        "-p", "int4", "-e", "cpu", "--extra_options", f"int4_block_size={block_size}",
-                        "int4_accuracy_level=4"], check=True, capture_output=True)
+                        "-p", "int4", "-e", "cpu", "--extra_options", f"block_size={block_size}",
+                        "accuracy_level=4"], check=True, capture_output=True)
     return out
 
 
-def block_sizes(engine_dir: Path) -> list[int]:
-    import onnx
+def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 128, rounds: int = 3,
+        batches: tuple[int, ...] = (4, 8)) -> dict:
+    from tqdm.auto import tqdm
 
-    m = onnx.load(str(engine_dir / "model.onnx"), load_external_data=False)
-    return sorted({a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                   if a.name == "block_size"})
-
-
-def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 128, repeats: int = 3) -> dict:
     from build_engine import manifest
+    from build_engine.cli import quiet_progress
     from build_engine.cpu import graph
 
     ck = manifest.read(checkpoint, "trtllm-checkpoint")
     group = ck["quantization"]["group_size"]
     work = out / "engines"
     work.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
-    text = "The history of computing is long and full of surprises. " * 20
-    ids = tok(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
-    rows = {}
-    for level in (1, 4):
+    dirs = {}
+    for level in (4, 1):
         eng = work / f"hermes-level{level}"
         if not (eng / "manifest.json").is_file():
             graph.build(checkpoint, eng, accuracy_level=level)
-        rows[f"hermes-trtllm int4 g{group} accuracy {level}"] = {**measure(eng, ids, new_tokens, repeats),
-                                                                 "block_sizes": block_sizes(eng)}
-    peer = peer_engine(Path(ck["source"]["path"]), work / "og-builder", group)
-    rows["onnxruntime-genai builder int4 (accuracy 4)"] = {**measure(peer, ids, new_tokens, repeats),
-                                                          "block_sizes": block_sizes(peer)}
-    result = {"checkpoint": str(checkpoint), "model": ck["source"]["model"], "batch": 1, "results": rows}
+        dirs[f"hermes-trtllm a{level} (scheduler)"] = ("ours", eng)
+    dirs["hermes-trtllm a4 (scheduler, no batch invariance)"] = ("ours-no-invariance", work / "hermes-level4")
+    dirs[f"onnxruntime-genai builder int4 g{group} (og.Generator)"] = (
+        "og", peer_engine(Path(ck["source"]["path"]), work / f"og-builder-g{group}", group))
+    engines = {name: make(kind, str(d)) for name, (kind, d) in dirs.items()}
+    tok = next(iter(engines.values())).tokenizer
+    prompts = [tok(PROMPT_TEXT.format(s), add_special_tokens=False)["input_ids"][:prompt_tokens] for s in SUBJECTS]
+    phases = [1, *batches]
+    raw = {name: {b: [] for b in phases} for name in engines}
+    try:
+        for e in engines.values():
+            e.run(prompts[:1], 8)  # warm-up
+        for _ in tqdm(range(rounds), desc="interleaved rounds", disable=quiet_progress()):
+            for b in phases:
+                for name, e in engines.items():
+                    raw[name][b].append(e.run(prompts[:b], new_tokens))
+    finally:
+        for e in engines.values():
+            e.close()
+    rows = {}
+    for name, (kind, d) in dirs.items():
+        b1 = raw[name][1]
+        row = {"prefill_ms": 1000 * statistics.median(r[0][0] for r in b1),
+               "decode_tok_s": statistics.median((new_tokens - 1) / (r[0][1] - r[0][0]) for r in b1),
+               "peak_rss_mib": _rss_probe(kind, str(d), prompts[0], new_tokens)}
+        for b in batches:
+            row[f"total_tok_s_b{b}"] = statistics.median(b * new_tokens / max(e for _, e in r) for r in raw[name][b])
+        rows[name] = row
+    result = {"checkpoint": str(checkpoint), "model": ck["source"]["model"], "prompt_tokens": prompt_tokens,
+              "new_tokens": new_tokens, "rounds": rounds, "results": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_engine.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def table(result: dict) -> str:
-    lines = [f"{'engine':<46} {'prefill ms':>10} {'decode tok/s':>12}  block sizes"]
+    keys = [k for k in next(iter(result["results"].values())) if k != "peak_rss_mib"] + ["peak_rss_mib"]
+    w = max(len(n) for n in result["results"])
+    lines = [f"{'engine':<{w}} " + " ".join(f"{k:>15}" for k in keys)]
     for name, r in result["results"].items():
-        lines.append(f"{name:<46} {r['prefill_ms']:>10.1f} {r['decode_tok_s']:>12.1f}  {r['block_sizes']}")
+        lines.append(f"{name:<{w}} " + " ".join(f"{r[k]:>15.1f}" for k in keys))
     return "\n".join(lines)

@@ -113,7 +113,7 @@ BAD = [
     (dict(n=2), openai.BadRequestError, "n must be 1", None),
     (dict(temperature=-1), openai.BadRequestError, "temperature", "temperature"),
     (dict(max_tokens=10**6), openai.BadRequestError, "max_tokens must be at most", None),
-    (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty is not supported", None),
+    (dict(seed=-1), openai.BadRequestError, "seed", "seed"),
     (dict(extra_body={"logit_bias_typo": 1}), openai.BadRequestError, "unsupported parameter: logit_bias_typo",
      "logit_bias_typo"),
     (dict(messages=[]), openai.BadRequestError, "messages", "messages"),

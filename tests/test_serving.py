@@ -199,7 +199,7 @@ BAD = [
     ("empty prompt", dict(prompt=""), "text_input is empty"),
     ("max_tokens zero", dict(max_tokens=0), "max_tokens must be an integer >= 1 (got 0)"),
     ("max_tokens too large", dict(max_tokens=10**6), "max_tokens must be at most 2047, the engine's output limit"),
-    ("unsupported penalty", dict(presence_penalty=(0.5, "FP32")), "not supported"),
+    ("penalty out of range", dict(presence_penalty=(3.0, "FP32")), "presence_penalty must be in [-2, 2]"),
     ("bad top_p", dict(top_p=(1.5, "FP32")), "top_p must be in"),
     # No log-prob outputs are declared: the request is refused rather than silently ignored.
     ("log probs", dict(return_log_probs=(True, "BOOL")), "unexpected inference input 'return_log_probs'"),

@@ -4,12 +4,13 @@ onnxruntime-genai too). It executes the same codes, scales and pre-quant factors
 consumes, so CPU tests check the GPU artifact.
 
 Per layer (x: [B, S, H]):
-  h  = SimplifiedLayerNorm(x) | SkipSimplifiedLayerNorm(x, residual)
-  qkv = MatMulNBits(h * prequant_qkv)             # int4 codes repacked along K, block = group
+  h  = SimplifiedLayerNorm(x) | SkipSimplifiedLayerNorm(x, residual)   # weight * prequant_qkv
+  qkv = MatMulNBits(h)                            # int4 codes repacked along K, block = group
   a  = GroupQueryAttention(qkv, past, rotary cos/sin, local_window_size = sliding window)
   x' = x + MatMulNBits(a * prequant_dense)
   m  = silu(MatMulNBits(h' * p_fc)) * MatMulNBits(h' * p_gate);  x'' = x' + MatMulNBits(m * p_proj)
 logits = ln_f(x)[:, -1] @ lm_head[:real_vocab]^T  # last position only; padded rows dropped, never sampled
+                                                 # (lm_head fp32 = exact, or int8 MatMulNBits = fast)
 """
 
 from __future__ import annotations
@@ -64,12 +65,28 @@ class _Graph:
         return outs
 
 
-def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str, accuracy_level: int) -> str:
+LM_HEADS = ("fp32", "int8")
+LM_HEAD_BLOCK = 32
+
+
+def quantize_lm_head_int8(w: np.ndarray, block: int = LM_HEAD_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 [N, K] -> (uint8 codes [N, K/block, block] = round(w / scale) + 128, scales fp32 [N * K/block]):
+    symmetric round-to-nearest per row and block of K, MatMulNBits' 8-bit layout (zero point 128)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // block, block)
+    scale = np.abs(blocks).max(-1, keepdims=True) / 127
+    scale[scale == 0] = 1
+    codes = np.clip(np.rint(blocks / scale), -127, 127).astype(np.int16) + 128
+    return codes.astype(np.uint8), scale.reshape(-1).astype(np.float32)
+
+
+def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str, accuracy_level: int,
+            prequant_folded: bool = False) -> str:
     ql = ck.linear(layer, name)
     n, k = ql.codes.shape
     grp = ql.group_size
     p = f"layers.{layer}.{name}"
-    scaled = g.node("Mul", [x, g.init(f"{p}.prequant", ql.prequant)], f"{p}/prequant")[0]
+    scaled = x if prequant_folded else g.node("Mul", [x, g.init(f"{p}.prequant", ql.prequant)], f"{p}/prequant")[0]
     return g.node(
         "MatMulNBits",
         [scaled, g.init(f"{p}.qweight", repack_for_matmulnbits(ql.codes, grp)), g.init(f"{p}.scales", ql.scale)],
@@ -78,7 +95,7 @@ def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str,
 
 
 def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int | None, context_length: int,
-                accuracy_level: int):
+                accuracy_level: int, lm_head: str = "fp32"):
     """The decoder as an onnx.ModelProto (weights inline; saved with external data)."""
     from onnx import TensorProto, helper
     from tqdm.auto import tqdm
@@ -106,7 +123,9 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
     residual = None
     window = int(sliding_window) if sliding_window else -1
     for i in tqdm(range(s.layers), desc="writing CPU engine layers", unit="layer", disable=quiet_progress()):
-        ln1 = g.init(f"layers.{i}.input_layernorm", ck.norm(i, "input_layernorm"))
+        # qkv is the only reader of the first norm: its AWQ pre-quant factor folds into the norm's weight.
+        ln1 = g.init(f"layers.{i}.input_layernorm",
+                     ck.norm(i, "input_layernorm") * ck.linear(i, "attention.qkv").prequant)
         if residual is None:
             h = g.node("SimplifiedLayerNormalization", [x, ln1], f"layers.{i}/ln1", epsilon=eps, axis=-1,
                        stash_type=1)[0]
@@ -115,7 +134,7 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
             outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln1], f"layers.{i}/ln1", n_out=4,
                           domain="com.microsoft", epsilon=eps)
             h, residual = outs[0], outs[3]
-        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level)
+        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level, prequant_folded=True)
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
                                                         [B, s.kv_heads, P, s.head_dim]))
@@ -143,9 +162,15 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
                    "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
     # Only the last position's logits are computed: the next token is all the runtime samples.
     last = g.node("Gather", [final, g.init("const.last", np.array([-1], dtype=np.int64))], "last_token", axis=1)[0]
-    # lm_head stays dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact.
-    lm_head = ck.tensor("lm_head.weight")[:real_vocab].T.copy()  # [H, V]
-    g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", lm_head)], ["logits"], name="lm_head"))
+    head = ck.tensor("lm_head.weight")[:real_vocab]  # [V, H]
+    if lm_head == "fp32":  # exact: dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact
+        g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", head.T.copy())], ["logits"], name="lm_head"))
+    else:  # the fast option: int8 per row and block of 32, a quarter of the bytes per token
+        codes, scales = quantize_lm_head_int8(head)
+        g.nodes.append(helper.make_node(
+            "MatMulNBits", [last, g.init("lm_head.qweight", codes), g.init("lm_head.scales", scales)], ["logits"],
+            name="lm_head", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=8,
+            block_size=LM_HEAD_BLOCK, accuracy_level=accuracy_level))
 
     graph = helper.make_graph(g.nodes, "hermes_trtllm_cpu_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
@@ -181,13 +206,15 @@ def genai_config(ck: checkpoint.Checkpoint, facts: dict, context_length: int, ma
     }
 
 
-def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
+def build(ckpt: Path, output: Path, accuracy_level: int = 4, lm_head: str = "fp32") -> Path:
     import onnx
 
     from build_engine import presets
 
     if accuracy_level not in (1, 2, 3, 4):
         raise UserError(f"accuracy level {accuracy_level} is not one of 1 (fp32), 2, 3, 4 (int8 activations)")
+    if lm_head not in LM_HEADS:
+        raise UserError(f"lm_head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
     ckpt, output = Path(ckpt), Path(output)
     ck_manifest = manifest.read(ckpt, "trtllm-checkpoint")
     facts = ck_manifest["model"]
@@ -197,7 +224,8 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
     ck = checkpoint.Checkpoint(ckpt)
 
     with manifest.staging(output) as tmp:
-        model = build_graph(ck, facts["vocab_size"], facts.get("sliding_window"), context_length, accuracy_level)
+        model = build_graph(ck, facts["vocab_size"], facts.get("sliding_window"), context_length, accuracy_level,
+                            lm_head)
         onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=MODEL_FILE + ".data", size_threshold=1024)
         (tmp / "genai_config.json").write_text(json.dumps(
@@ -209,7 +237,10 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4) -> Path:
             preset=ck_manifest.get("preset"),
             settings={"accuracy_level": accuracy_level, "context_length": context_length,
                       "sliding_window": facts.get("sliding_window"), "kv_cache_dtype": "float32",
-                      "group_size": ck.shapes.group_size, "lm_head": "dense fp32, sliced to the real vocabulary", "logits": "last position"},
+                      "group_size": ck.shapes.group_size, "lm_head": lm_head, "lm_head_detail": {
+                          "fp32": "dense fp32, sliced to the real vocabulary (exact)",
+                          "int8": f"int8 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits"}[lm_head],
+                      "logits": "last position", "qkv_prequant": "folded into input_layernorm"},
             limits=vars(limits), model=facts,
         )
     return output

@@ -1,7 +1,9 @@
 """tensorrt_llm on a CPU host: the same config, tensors and strictness as TensorRT-LLM's C++
-`tensorrtllm` backend (model_repo.backend_contract), served by the CPU engine. Decoupled: a
-streaming request gets one response per UTF-8-complete chunk of new tokens; a cancelled request
-stops generating at once.
+`tensorrtllm` backend (model_repo.backend_contract), served by the CPU engine's inflight-batching
+scheduler (build_engine.cpu). Decoupled: a streaming request gets one response per UTF-8-complete
+chunk of new tokens; a cancelled request frees its engine row at the next step. Sampling covers the
+backend's inputs: temperature, top-k/top-p, seeds, repetition/presence/frequency penalties, min
+tokens, stop and bad word lists, end id.
 
 Strict where the C++ backend is strict: a config that breaks the contract fails the model load, and
 there is no default end id (a request without `end_id` runs to `request_output_len`, as the C++
@@ -27,41 +29,40 @@ class TritonPythonModel:
         if problems:  # where the C++ backend fails its model load
             raise RuntimeError("tensorrt_llm config breaks the tensorrtllm backend contract: " + "; ".join(problems))
         p = params(args)
-        self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER])
+        cfg = json.loads(args["model_config"])
+        # The config's batch size is the scheduler's row count; `max_tokens_in_paged_kv_cache`, when
+        # set, is its KV budget (TensorRT-LLM's meaning), else every row can hold a full sequence.
+        budget = p.get("max_tokens_in_paged_kv_cache", "").strip()
+        self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER], max_batch_size=int(cfg["max_batch_size"]),
+                                kv_cache_tokens=int(budget) if budget else None)
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.max_output_len = self.engine.context_length
         self.live = {}  # request id -> engine stream, for stop requests
 
-    def _sampling(self, request, n_prompt: int) -> Sampling:
+    def _sampling(self, request) -> Sampling:
         def val(name, default=None):
             return scalar(pb_utils, request, name, default)
 
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
-            if float(val(name, neutral)) != neutral:
-                raise BadRequest(f"{name} is not supported by the CPU engine")
-        bad = pb_utils.get_input_tensor_by_name(request, "bad_words_list")
-        if bad is not None and from_words_list(bad.as_numpy().reshape(2, -1)):
-            raise BadRequest("bad_words are not supported by the CPU engine")
-        stop_ids = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
-        stops = []
-        if stop_ids is not None:
-            stops = [self.engine.tokenizer.decode(w) for w in from_words_list(stop_ids.as_numpy().reshape(2, -1))]
+        def words(name):
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            return [] if t is None else from_words_list(t.as_numpy().reshape(2, -1))
+
         max_tokens = val("request_output_len")
         if max_tokens is None:
             raise BadRequest("request_output_len is not present in the request")
-        max_tokens, min_tokens = int(max_tokens), int(val("min_tokens", 0))
         end_id = None if val("end_id") is None else int(val("end_id"))
-        if end_id != self.engine.end_id:
-            # TensorRT-LLM stops only on the end id it is sent (none: -1, never): the engine's own end
-            # id is masked, and a different one sent is a stop token.
-            min_tokens = max_tokens
         try:
             return Sampling(
-                max_tokens=max_tokens, temperature=float(val("temperature", 0.0)),
+                max_tokens=int(max_tokens), temperature=float(val("temperature", 0.0)),
                 top_k=int(val("runtime_top_k", 0)), top_p=float(val("runtime_top_p", 1.0)),
-                min_tokens=min_tokens, repetition_penalty=float(val("repetition_penalty", 1.0)),
+                min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
+                presence_penalty=float(val("presence_penalty", 0.0)),
+                frequency_penalty=float(val("frequency_penalty", 0.0)),
                 seed=None if val("seed") is None else int(val("seed")),
-                stop=tuple(s for s in stops if s),
+                stop=tuple(s for s in (self.engine.tokenizer.decode(w) for w in words("stop_words_list")) if s),
+                bad_words=tuple(tuple(w) for w in words("bad_words_list")),
+                # TensorRT-LLM stops only on the end id it is sent (none: -1, never stops).
+                ignore_eos=end_id != self.engine.end_id,
                 stop_token_ids=() if end_id in (None, self.engine.end_id) else (end_id,),
             )
         except ValueError as e:
@@ -111,7 +112,7 @@ class TritonPythonModel:
             ids = self._input_ids(request)
             streaming = bool(scalar(pb_utils, request, "streaming", False))
             exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
-            sampling = self._sampling(request, len(ids))
+            sampling = self._sampling(request)
             stream = self.engine.submit(ids.tolist(), sampling)
             if rid:
                 self.live[rid] = stream
