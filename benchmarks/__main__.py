@@ -139,9 +139,14 @@ def overhead(served: list[dict], engine_only: list[dict]) -> dict:
 
 
 def _suite(args) -> int:
-    """make bench: the CPU demo deployment served by Triton, and its engine alone, at concurrency 1, 4, 8."""
+    """make bench: the CPU demo deployment served by Triton, and its engine alone, at concurrency
+    1, 4, 8, interleaved round by round (served c1, engine c1, served c4, ...), so that drift hits
+    both alike and the overhead (served - engine) is not noise."""
+    import asyncio
+    from dataclasses import asdict
+
     from benchmarks import engine
-    from benchmarks.runner import RunConfig, run_sweep
+    from benchmarks.runner import RunConfig, run
     from build_engine import manifest
     from model_repo.server import TritonServer
 
@@ -150,18 +155,33 @@ def _suite(args) -> int:
     concurrencies = [1, 4, 8]
     workload = dict(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len,
                     tokenizer=str(repo / "preprocessing" / "tokenizer"))
-    with TritonServer(repo) as server:
-        served = run_sweep(RunConfig(server.grpc_url, **workload), concurrencies)
-    alone = engine.run_sweep(engine_dir, RunConfig("engine", **workload), concurrencies)
+    runs = {(kind, c): ([], 0.0) for kind in ("served", "engine") for c in concurrencies}
+    alone = engine.EngineRunner(engine_dir, RunConfig("engine", **workload))
+    try:
+        with TritonServer(repo) as server:
+            cfgs = {c: RunConfig(server.grpc_url, **{**workload, "concurrency": c, "warmup": 0}) for c in concurrencies}
+            asyncio.run(run(RunConfig(server.grpc_url, **{**workload, "num_prompts": 1})))  # warm-up
+            alone.warm_up()
+            for _ in range(args.rounds):
+                for c in concurrencies:
+                    for kind, measured in (("served", lambda: asyncio.run(run(cfgs[c]))), ("engine", lambda: alone.run(c))):
+                        outputs, duration = measured()
+                        prev = runs[kind, c]
+                        runs[kind, c] = (prev[0] + outputs, prev[1] + duration)
+    finally:
+        alone.close()
+    served = [engine.result({**asdict(cfgs[c]), "rounds": args.rounds}, *runs["served", c]) for c in concurrencies]
+    alone_results = [engine.result({**alone.config(c), "rounds": args.rounds}, *runs["engine", c])
+                     for c in concurrencies]
     write_results(served, out)
-    write_results(alone, out, prefix="engine")
-    ov = overhead(served, alone)
+    write_results(alone_results, out, prefix="engine")
+    ov = overhead(served, alone_results)
     (out / "overhead.json").write_text(json.dumps(ov, indent=2))
     print("served (Triton, gRPC streaming, tensorrt_llm_bls):")
     print(summary(served))
     print("engine alone (no server):")
-    print(summary(alone))
-    print("serving overhead (served - engine), ms:")
+    print(summary(alone_results))
+    print(f"serving overhead (served - engine, {args.rounds} interleaved rounds), ms:")
     for c, v in ov.items():
         print(f"  c={c}: per token (median ITL) {v['median_itl_ms']:+.3f}, per request (median TTFT) "
               f"{v['median_ttft_ms']:+.2f}, E2E {v['median_e2el_ms']:+.2f}")
@@ -228,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-prompts", type=int, default=16)
     s.add_argument("--input-len", type=int, default=64)
     s.add_argument("--output-len", type=int, default=64)
+    s.add_argument("--rounds", type=int, default=2, help="interleaved rounds of served and engine-only runs")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)
     s = sub.add_parser("cpu-engine", help="CPU engine prefill, decode and batch 4/8 throughput under its scheduler, "

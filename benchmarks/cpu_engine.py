@@ -1,5 +1,6 @@
 """CPU engine speed: prefill time, batch-1 decode tok/s and total tok/s at batch 4 and 8, for our
-engine under its own scheduler (the serving path) at accuracy levels 1 and 4, beside
+engine under its own scheduler (the serving path) at accuracy levels 1 and 4, with the exact fp32
+lm_head and the fast int8 one, beside
 onnxruntime-genai's own builder (`-p int4`, same block size, og.Generator with a static batch) on
 the original model. Engines are timed round by round, A B C A B C ..., so drift hits all alike;
 greedy, fixed lengths (end id ignored), medians over the rounds. Peak RSS is measured per engine
@@ -15,32 +16,33 @@ import threading
 import time
 from pathlib import Path
 
-PROMPT_TEXT = "The history of computing is long and full of surprises, from {} to the machines of today. " * 8
+PROMPT_TEXT = "The history of computing is long and full of surprises, from {} to the machines of today. "
 SUBJECTS = ("the abacus", "looms", "relays", "valves", "transistors", "chips", "clusters", "phones")
 
 
 class Ours:
     """The project's engine through CpuEngine (the scheduler the Triton model uses)."""
 
-    def __init__(self, engine_dir: Path, batch_invariant: bool = True):
+    def __init__(self, engine_dir: Path, batch_invariant: bool | None = None, tokenizer=None):
         from build_engine.cpu import CpuEngine
 
-        self.engine = CpuEngine(engine_dir, batch_invariant=batch_invariant)
+        self.engine = CpuEngine(engine_dir, tokenizer, batch_invariant=batch_invariant)
         self.tokenizer = self.engine.tokenizer
 
-    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float]]:
-        """Per request: (time to first token, time to last token), from the common start."""
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float, int]]:
+        """Per request: (time to first token, time to last token) from the common start, tokens."""
         from build_engine.cpu import Sampling
 
         t0 = time.perf_counter()
         out = [None] * len(prompts)
 
         def one(i):
-            first = None
+            first, n = None, 0
             for step in self.engine.submit(prompts[i], Sampling(max_tokens=new_tokens, ignore_eos=True)):
-                if step.token_id is not None and first is None:
-                    first = time.perf_counter() - t0
-            out[i] = (first, time.perf_counter() - t0)
+                if step.token_id is not None:
+                    n += 1
+                    first = first or time.perf_counter() - t0
+            out[i] = (first, time.perf_counter() - t0, n)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
         [t.start() for t in threads]
@@ -56,12 +58,10 @@ class OgGenerator:
 
     def __init__(self, engine_dir: Path):
         import onnxruntime_genai as og
-        from transformers import AutoTokenizer
 
         self.og, self.model = og, og.Model(str(engine_dir))
-        self.tokenizer = AutoTokenizer.from_pretrained(engine_dir)
 
-    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float]]:
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float, int]]:
         import numpy as np
 
         og = self.og
@@ -79,24 +79,33 @@ class OgGenerator:
             n += 1
         end = time.perf_counter() - t0
         del gen
-        return [(first, end)] * len(prompts)
+        return [(first, end, n)] * len(prompts)
 
     def close(self):
         pass
 
 
 def _rss_probe(kind: str, engine_dir: str, prompt: list[int], new_tokens: int) -> float:
-    """Peak RSS (MiB) of a fresh process that loads the engine and runs one batch-1 request."""
-    code = (f"import json,sys,resource; from benchmarks.cpu_engine import make; e=make({kind!r}, {engine_dir!r}); "
+    """Peak RSS (MiB) of a fresh process that loads the engine and runs one batch-1 request. The
+    tokenizer is the `tokenizers` library's own (transformers would add torch's ~280 MiB), as
+    og.Generator's is its own: the figure is the engine's."""
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
+    code = (f"from benchmarks.cpu_engine import make; e=make({kind!r}, {engine_dir!r}, light=True); "
             f"e.run([{prompt!r}], {new_tokens}); e.close(); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def make(kind: str, engine_dir: str):
-    return {"ours": lambda: Ours(Path(engine_dir)), "ours-no-invariance": lambda: Ours(Path(engine_dir), False),
-            "og": lambda: OgGenerator(Path(engine_dir))}[kind]()
+def make(kind: str, engine_dir: str, light: bool = False):
+    if kind == "og":
+        return OgGenerator(Path(engine_dir))
+    tok = None
+    if light:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(engine_dir) / "tokenizer" / "tokenizer.json"))
+    return Ours(Path(engine_dir), True if kind == "ours-invariant" else None, tok)
 
 
 def peer_engine(hf_dir: Path, out: Path, block_size: int) -> Path:
@@ -122,17 +131,17 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
     work = out / "engines"
     work.mkdir(parents=True, exist_ok=True)
     dirs = {}
-    for level in (4, 1):
-        eng = work / f"hermes-level{level}"
+    for level, head in ((4, "fp32"), (4, "int8"), (1, "fp32")):
+        eng = work / f"hermes-a{level}-lm-head-{head}"
         if not (eng / "manifest.json").is_file():
-            graph.build(checkpoint, eng, accuracy_level=level)
-        dirs[f"hermes-trtllm a{level} (scheduler)"] = ("ours", eng)
-    dirs["hermes-trtllm a4 (scheduler, no batch invariance)"] = ("ours-no-invariance", work / "hermes-level4")
+            graph.build(checkpoint, eng, accuracy_level=level, lm_head=head)
+        dirs[f"hermes-trtllm a{level} {head} lm_head (scheduler)"] = ("ours", eng)
+    dirs["hermes-trtllm a4 int8 lm_head (batch-invariant)"] = ("ours-invariant", work / "hermes-a4-lm-head-int8")
     dirs[f"onnxruntime-genai builder int4 g{group} (og.Generator)"] = (
         "og", peer_engine(Path(ck["source"]["path"]), work / f"og-builder-g{group}", group))
     engines = {name: make(kind, str(d)) for name, (kind, d) in dirs.items()}
     tok = next(iter(engines.values())).tokenizer
-    prompts = [tok(PROMPT_TEXT.format(s), add_special_tokens=False)["input_ids"][:prompt_tokens] for s in SUBJECTS]
+    prompts = [tok(PROMPT_TEXT.format(s) * 8, add_special_tokens=False)["input_ids"][:prompt_tokens] for s in SUBJECTS]
     phases = [1, *batches]
     raw = {name: {b: [] for b in phases} for name in engines}
     try:
@@ -149,10 +158,12 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
     for name, (kind, d) in dirs.items():
         b1 = raw[name][1]
         row = {"prefill_ms": 1000 * statistics.median(r[0][0] for r in b1),
-               "decode_tok_s": statistics.median((new_tokens - 1) / (r[0][1] - r[0][0]) for r in b1),
+               "decode_tok_s": statistics.median((r[0][2] - 1) / (r[0][1] - r[0][0]) for r in b1),
                "peak_rss_mib": _rss_probe(kind, str(d), prompts[0], new_tokens)}
         for b in batches:
-            row[f"total_tok_s_b{b}"] = statistics.median(b * new_tokens / max(e for _, e in r) for r in raw[name][b])
+            row[f"total_tok_s_b{b}"] = statistics.median(sum(x[2] for x in r) / max(x[1] for x in r)
+                                                         for r in raw[name][b])
+        row["tokens_per_request"] = sorted({x[2] for b in phases for r in raw[name][b] for x in r})
         rows[name] = row
     result = {"checkpoint": str(checkpoint), "model": ck["source"]["model"], "prompt_tokens": prompt_tokens,
               "new_tokens": new_tokens, "rounds": rounds, "results": rows}
@@ -162,7 +173,8 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
 
 
 def table(result: dict) -> str:
-    keys = [k for k in next(iter(result["results"].values())) if k != "peak_rss_mib"] + ["peak_rss_mib"]
+    keys = [k for k in next(iter(result["results"].values())) if k not in ("peak_rss_mib", "tokens_per_request")]
+    keys.append("peak_rss_mib")
     w = max(len(n) for n in result["results"])
     lines = [f"{'engine':<{w}} " + " ".join(f"{k:>15}" for k in keys)]
     for name, r in result["results"].items():

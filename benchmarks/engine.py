@@ -27,25 +27,42 @@ def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter
     return record_sync(chunks(), clock)
 
 
-def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> list[dict]:
-    from build_engine.cpu import CpuEngine
+class EngineRunner:
+    """The CPU engine loaded once, with the workload's prompts tokenized as the server would."""
 
-    engine = CpuEngine(engine_dir)
-    tok = engine.tokenizer
-    prompts = [tok(format_chatml([Message("user", p)]))["input_ids"]
-               for p in prompts_for(base)]
-    results = []
+    def __init__(self, engine_dir: Path, base: RunConfig):
+        from build_engine.cpu import CpuEngine
+
+        self.engine_dir, self.base = Path(engine_dir), base
+        self.engine = CpuEngine(engine_dir)
+        tok = self.engine.tokenizer
+        self.prompts = [tok(format_chatml([Message("user", p)]))["input_ids"] for p in prompts_for(base)]
+
+    def warm_up(self) -> None:
+        for ids in self.prompts[: self.base.warmup]:
+            one_request(self.engine, ids, self.base.output_len)
+
+    def run(self, concurrency: int) -> tuple[list[RequestOutput], float]:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            outputs = list(pool.map(lambda ids: one_request(self.engine, ids, self.base.output_len), self.prompts))
+        return outputs, time.perf_counter() - t0
+
+    def config(self, concurrency: int) -> dict:
+        return {**asdict(self.base), "concurrency": concurrency, "url": f"engine:{self.engine_dir}"}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def result(config: dict, outputs: list[RequestOutput], duration: float) -> dict:
+    return {"config": config, "metrics": calculate_metrics(outputs, duration), "requests": [asdict(o) for o in outputs]}
+
+
+def run_sweep(engine_dir: Path, base: RunConfig, concurrencies: list[int]) -> list[dict]:
+    runner = EngineRunner(engine_dir, base)
     try:
-        for ids in prompts[: base.warmup]:
-            one_request(engine, ids, base.output_len)
-        for c in concurrencies:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(c) as pool:
-                outputs = list(pool.map(lambda ids: one_request(engine, ids, base.output_len), prompts))
-            duration = time.perf_counter() - t0
-            cfg = {**asdict(base), "concurrency": c, "url": f"engine:{engine_dir}"}
-            results.append({"config": cfg, "metrics": calculate_metrics(outputs, duration),
-                            "requests": [asdict(o) for o in outputs]})
+        runner.warm_up()
+        return [result(runner.config(c), *runner.run(c)) for c in concurrencies]
     finally:
-        engine.close()
-    return results
+        runner.close()

@@ -53,7 +53,8 @@ def _build(args) -> int:
 def _verify(args) -> int:
     from build_engine import verify
 
-    verify.run(Path(args.checkpoint), Path(args.engine), Path(args.report), original=args.original)
+    verify.run(Path(args.checkpoint), Path(args.engine), Path(args.report), original=args.original,
+               compare=tuple(Path(d) for d in args.compare_engine or ()))
     return 0
 
 
@@ -97,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", required=True)
     s.add_argument("--report", required=True)
     s.add_argument("--original", help="the original HF model (default: the checkpoint manifest's source)")
+    s.add_argument("--compare-engine", action="append", metavar="DIR",
+                   help="another CPU engine of the same checkpoint (e.g. --lm-head int8) to report beside it")
     s.set_defaults(handler=_verify)
     return p
 

@@ -77,49 +77,84 @@ def _nll_and_argmax(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarr
     return float(-logp[np.arange(len(target)), target].sum()), logits[:-1].argmax(-1)
 
 
+def _engine_vs_reference(engine_dir: Path, ref, tok, end_id: int, settings: VerifySettings) -> dict:
+    """Logits against the reference on the chat prompts, and greedy generations."""
+    from build_engine.cpu import CpuEngine, Sampling
+
+    engine = CpuEngine(engine_dir, tok)
+    rel_errors, prompts_out = [], []
+    try:
+        for msgs in PROMPTS:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            lr, le = ref.logits(ids), engine_logits(engine_dir, ids)
+            rel_errors.append(float(np.abs(le - lr).max() / np.abs(lr).max()))
+            eng_toks, _, _ = engine.generate(ids, Sampling(max_tokens=settings.greedy_new_tokens))
+            ref_toks = [t for t in ref.greedy(ids, settings.greedy_new_tokens, end_id) if t != end_id]
+            entry = {"prompt": msgs[-1]["content"], "identical": eng_toks == ref_toks,
+                     "engine": tok.decode(eng_toks), "reference": tok.decode(ref_toks)}
+            if eng_toks != ref_toks:
+                k = next((i for i, (a, b) in enumerate(zip(eng_toks, ref_toks)) if a != b),
+                         min(len(eng_toks), len(ref_toks)))
+                top2 = np.sort(ref.logits(ids + ref_toks[:k])[-1])[-2:]
+                entry.update(first_divergence=k, reference_top2_gap=float(top2[1] - top2[0]),
+                             near_tie=bool(top2[1] - top2[0] < settings.near_tie))
+            prompts_out.append(entry)
+    finally:
+        engine.close()
+    return {
+        "max_rel_logits_error": max(rel_errors),
+        "greedy_prompts_identical": sum(p["identical"] for p in prompts_out),
+        "greedy_prompts_near_tie": sum(bool(p.get("near_tie")) for p in prompts_out),
+        "greedy_prompts_total": len(prompts_out),
+        "prompts": prompts_out,
+    }
+
+
+def _engine_perplexity(engine_dir: Path, windows: list[list[int]]) -> float:
+    """The engine's own perplexity on the held-out windows (logits position by position)."""
+    nll, n = 0.0, 0
+    for ids in windows:
+        s, _ = _nll_and_argmax(engine_logits(engine_dir, ids), ids)
+        nll, n = nll + s, n + len(ids) - 1
+    return math.exp(nll / n)
+
+
+def _engine_settings(engine_dir: Path, ckpt: Path, ck_m: dict) -> dict:
+    eng_m = manifest.read(engine_dir, "cpu-engine")
+    if eng_m["checkpoint"]["files"] != ck_m["files"]:
+        raise UserError(f"engine {engine_dir} was not built from checkpoint {ckpt} (hashes differ)")
+    return {"accuracy_level": eng_m["settings"]["accuracy_level"], "lm_head": eng_m["settings"].get("lm_head", "fp32")}
+
+
 def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
-        settings: VerifySettings = VerifySettings()) -> dict:
+        settings: VerifySettings = VerifySettings(), compare: tuple[Path, ...] = ()) -> dict:
+    """The report for `engine_dir`; every engine in `compare` (e.g. the fast lm_head) gets the
+    engine-vs-reference figures and its own perplexity beside it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from build_engine.reference import Reference
-    from build_engine.cpu import CpuEngine, Sampling
+    from build_engine.tokenization import load_tokenizer
 
     ck_m = manifest.read(ckpt, "trtllm-checkpoint")
-    eng_m = manifest.read(engine_dir, "cpu-engine")
     facts = ck_m["model"]
-    if eng_m["checkpoint"]["files"] != ck_m["files"]:
-        raise UserError(f"engine {engine_dir} was not built from checkpoint {ckpt} (hashes differ)")
+    eng_settings = {Path(d): _engine_settings(Path(d), ckpt, ck_m) for d in (engine_dir, *compare)}
     original_path = Path(original or ck_m["source"]["path"])
     if not (original_path / "config.json").is_file():
         raise UserError(f"original model {original_path} is not available; pass --original FOLDER")
 
     ref = Reference(ckpt, facts["vocab_size"], facts.get("sliding_window"))
-    engine = CpuEngine(engine_dir)
-    tok = engine.tokenizer
+    tok = load_tokenizer(Path(engine_dir) / "tokenizer")
     end_id = facts["end_id"]
-
-    # (a) engine vs reference
-    rel_errors, prompts_out = [], []
-    for msgs in PROMPTS:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        lr, le = ref.logits(ids), engine_logits(engine_dir, ids)
-        rel_errors.append(float(np.abs(le - lr).max() / np.abs(lr).max()))
-        eng_toks, _, _ = engine.generate(ids, Sampling(max_tokens=settings.greedy_new_tokens))
-        ref_toks = [t for t in ref.greedy(ids, settings.greedy_new_tokens, end_id) if t != end_id]
-        entry = {"prompt": msgs[-1]["content"], "identical": eng_toks == ref_toks,
-                 "engine": tok.decode(eng_toks), "reference": tok.decode(ref_toks)}
-        if eng_toks != ref_toks:
-            k = next((i for i, (a, b) in enumerate(zip(eng_toks, ref_toks)) if a != b), min(len(eng_toks), len(ref_toks)))
-            top2 = np.sort(ref.logits(ids + ref_toks[:k])[-1])[-2:]
-            entry.update(first_divergence=k, reference_top2_gap=float(top2[1] - top2[0]),
-                         near_tie=bool(top2[1] - top2[0] < settings.near_tie))
-        prompts_out.append(entry)
-    engine.close()
-
-    # (b) quantized vs original, on held-out text
     text = calibration.pydoc_text(held_out=True)
     windows = calibration.token_batches(tok, [text], settings.ppl_windows, settings.ppl_seq_len, seed=1)
+
+    # (a) engine vs reference, for the engine and each one compared with it
+    engines = {str(d): {**eng_settings[Path(d)], **_engine_vs_reference(Path(d), ref, tok, end_id, settings),
+                        "perplexity": _engine_perplexity(Path(d), windows)} for d in (engine_dir, *compare)}
+    main_engine = engines[str(engine_dir)]
+
+    # (b) quantized vs original, on held-out text
     orig = AutoModelForCausalLM.from_pretrained(original_path, dtype=torch.float32).eval()
     rtn = copy.deepcopy(orig)
     rtn_quantize_(rtn, ck_m["quantization"]["group_size"])
@@ -143,17 +178,13 @@ def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
 
     result = {
         "checkpoint": str(ckpt), "engine": str(engine_dir), "original": str(original_path),
-        "engine_vs_reference": {
-            "max_rel_logits_error": max(rel_errors),
-            "greedy_prompts_identical": sum(p["identical"] for p in prompts_out),
-            "greedy_prompts_near_tie": sum(bool(p.get("near_tie")) for p in prompts_out),
-            "greedy_prompts_total": len(prompts_out),
-            "prompts": prompts_out,
-        },
+        "engine_vs_reference": {k: v for k, v in main_engine.items() if k not in ("perplexity", "accuracy_level",
+                                                                                 "lm_head")},
+        "engines": {d: {k: v for k, v in e.items() if k != "prompts"} for d, e in engines.items()},
         "perplexity": {**ppl, "awq_over_original": ppl["awq"] / ppl["original"],
                        "rtn_over_original": ppl["rtn"] / ppl["original"]},
         "top1_agreement": {k: v / n_tok for k, v in agree.items()},
-        "settings": {"accuracy_level": eng_m["settings"]["accuracy_level"],
+        "settings": {"accuracy_level": main_engine["accuracy_level"], "lm_head": main_engine["lm_head"],
                      "group_size": ck_m["quantization"]["group_size"],
                      "heldout_text": "pydoc_data.topics, odd-indexed topics (calibration uses even-indexed)",
                      "heldout_tokens": n_tok, **settings.__dict__},
@@ -176,5 +207,9 @@ def summary_table(r: dict) -> str:
         ("perplexity RTN (ratio)", f"{p['rtn']:.3f} ({p['rtn_over_original']:.4f})"),
         ("top-1 agreement AWQ / RTN", f"{a['awq']:.4f} / {a['rtn']:.4f}"),
     ]
+    for d, eng in r["engines"].items():  # the engine itself and any compared with it
+        rows.append((f"engine a{eng['accuracy_level']} {eng['lm_head']} lm_head: perplexity / max rel. error / greedy",
+                     f"{eng['perplexity']:.3f} / {eng['max_rel_logits_error']:.2e} / "
+                     f"{eng['greedy_prompts_identical']}/{eng['greedy_prompts_total']}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

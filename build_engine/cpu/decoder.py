@@ -72,7 +72,8 @@ class Decoder:
         b, out = self._binding(start, n)
         totals_arr = np.asarray(totals, dtype=np.int64)
         mask = (np.arange(int(totals_arr.max()), dtype=np.int64)[None, :] < totals_arr[:, None]).astype(np.int64)
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)  # both arrays stay referenced until the run ends
+        b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(b)
         return out[:, 0, :]

@@ -3,12 +3,14 @@ checkpoint, run by build_engine.cpu.scheduler (its genai_config.json keeps it lo
 onnxruntime-genai too). It executes the same codes, scales and pre-quant factors that trtllm-build
 consumes, so CPU tests check the GPU artifact.
 
-Per layer (x: [B, S, H]):
-  h  = SimplifiedLayerNorm(x) | SkipSimplifiedLayerNorm(x, residual)   # weight * prequant_qkv
+Per layer (x: [B, S, H]; p_* the AWQ pre-quant factors, folded where the algebra allows):
+  h  = SimplifiedLayerNorm(x) | SkipSimplifiedLayerNorm(x, residual)   # weight * p_qkv
   qkv = MatMulNBits(h)                            # int4 codes repacked along K, block = group
   a  = GroupQueryAttention(qkv, past, rotary cos/sin, local_window_size = sliding window)
-  x' = x + MatMulNBits(a * prequant_dense)
-  m  = silu(MatMulNBits(h' * p_fc)) * MatMulNBits(h' * p_gate);  x'' = x' + MatMulNBits(m * p_proj)
+  x' = x + MatMulNBits(a * p_dense)
+  h' = SkipSimplifiedLayerNorm(x', x)             # weight * p_fc
+  m  = silu(MatMulNBits(h')) * MatMulNBits'(h' * p_gate / p_fc)   # ' : scales rows * p_proj
+  x'' = x' + MatMulNBits(m)
 logits = ln_f(x)[:, -1] @ lm_head[:real_vocab]^T  # last position only; padded rows dropped, never sampled
                                                  # (lm_head fp32 = exact, or int8 MatMulNBits = fast)
 """
@@ -81,15 +83,20 @@ def quantize_lm_head_int8(w: np.ndarray, block: int = LM_HEAD_BLOCK) -> tuple[np
 
 
 def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str, accuracy_level: int,
-            prequant_folded: bool = False) -> str:
+            input_factor: np.ndarray | None, output_factor: np.ndarray | None = None) -> str:
+    """MatMulNBits over the checkpoint's codes and scales. `input_factor`: what x is multiplied by
+    first (the AWQ pre-quant factor, or what is left of it after folding; None: nothing).
+    `output_factor`: per output row, folded into the scales (the next layer's pre-quant factor)."""
     ql = ck.linear(layer, name)
     n, k = ql.codes.shape
     grp = ql.group_size
     p = f"layers.{layer}.{name}"
-    scaled = x if prequant_folded else g.node("Mul", [x, g.init(f"{p}.prequant", ql.prequant)], f"{p}/prequant")[0]
+    if input_factor is not None:
+        x = g.node("Mul", [x, g.init(f"{p}.prequant", input_factor)], f"{p}/prequant")[0]
+    scales = ql.scale if output_factor is None else ql.scale * output_factor[:, None]
     return g.node(
         "MatMulNBits",
-        [scaled, g.init(f"{p}.qweight", repack_for_matmulnbits(ql.codes, grp)), g.init(f"{p}.scales", ql.scale)],
+        [x, g.init(f"{p}.qweight", repack_for_matmulnbits(ql.codes, grp)), g.init(f"{p}.scales", scales)],
         f"{p}/matmul", domain="com.microsoft", K=k, N=n, bits=4, block_size=grp, accuracy_level=accuracy_level,
     )[0]
 
@@ -123,9 +130,12 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
     residual = None
     window = int(sliding_window) if sliding_window else -1
     for i in tqdm(range(s.layers), desc="writing CPU engine layers", unit="layer", disable=quiet_progress()):
-        # qkv is the only reader of the first norm: its AWQ pre-quant factor folds into the norm's weight.
-        ln1 = g.init(f"layers.{i}.input_layernorm",
-                     ck.norm(i, "input_layernorm") * ck.linear(i, "attention.qkv").prequant)
+        # AWQ pre-quant factors are folded where the algebra allows (x * p enters a linear map):
+        # qkv's into the first norm's weight, fc's into the second norm's (gate keeps the ratio),
+        # proj's into the rows of gate (up_proj), whose output it multiplies. dense's stays a Mul.
+        pre = {n: ck.linear(i, n).prequant for n in checkpoint.LINEARS}
+        fold_fc = bool(np.all(pre["mlp.fc"] != 0))
+        ln1 = g.init(f"layers.{i}.input_layernorm", ck.norm(i, "input_layernorm") * pre["attention.qkv"])
         if residual is None:
             h = g.node("SimplifiedLayerNormalization", [x, ln1], f"layers.{i}/ln1", epsilon=eps, axis=-1,
                        stash_type=1)[0]
@@ -134,7 +144,7 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
             outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln1], f"layers.{i}/ln1", n_out=4,
                           domain="com.microsoft", epsilon=eps)
             h, residual = outs[0], outs[3]
-        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level, prequant_folded=True)
+        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level, None)
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
                                                         [B, s.kv_heads, P, s.head_dim]))
@@ -149,15 +159,17 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
             local_window_size=window, do_rotary=1, rotary_interleaved=0)
         g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"layers.{i}/pk"))
         g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"layers.{i}/pv"))
-        x = _linear(g, ck, i, "attention.dense", attn, accuracy_level)
-        ln2 = g.init(f"layers.{i}.post_layernorm", ck.norm(i, "post_layernorm"))
+        x = _linear(g, ck, i, "attention.dense", attn, accuracy_level, pre["attention.dense"])
+        ln2 = g.init(f"layers.{i}.post_layernorm",
+                     ck.norm(i, "post_layernorm") * (pre["mlp.fc"] if fold_fc else 1))
         outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln2], f"layers.{i}/ln2", n_out=4,
                       domain="com.microsoft", epsilon=eps)
         h, residual = outs[0], outs[3]
-        fc = _linear(g, ck, i, "mlp.fc", h, accuracy_level)  # gate_proj in HF naming
-        up = _linear(g, ck, i, "mlp.gate", h, accuracy_level)  # up_proj in HF naming
+        fc = _linear(g, ck, i, "mlp.fc", h, accuracy_level, None if fold_fc else pre["mlp.fc"])  # HF gate_proj
+        up = _linear(g, ck, i, "mlp.gate", h, accuracy_level, pre["mlp.gate"] / pre["mlp.fc"] if fold_fc
+                     else pre["mlp.gate"], output_factor=pre["mlp.proj"])  # HF up_proj
         act = g.node("Mul", [fc, g.node("Sigmoid", [fc], f"layers.{i}/sigmoid")[0]], f"layers.{i}/silu")[0]
-        x = _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level)
+        x = _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level, None)
     final = g.node("SkipSimplifiedLayerNormalization", [residual, x, g.init("ln_f", ck.tensor("transformer.ln_f.weight"))],
                    "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
     # Only the last position's logits are computed: the next token is all the runtime samples.
@@ -240,7 +252,9 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4, lm_head: str = "fp3
                       "group_size": ck.shapes.group_size, "lm_head": lm_head, "lm_head_detail": {
                           "fp32": "dense fp32, sliced to the real vocabulary (exact)",
                           "int8": f"int8 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits"}[lm_head],
-                      "logits": "last position", "qkv_prequant": "folded into input_layernorm"},
+                      "logits": "last position",
+                      "prequant": "qkv's folded into input_layernorm, fc's into post_layernorm (gate keeps "
+                                  "gate/fc), proj's into gate's scales; dense's a Mul"},
             limits=vars(limits), model=facts,
         )
     return output
