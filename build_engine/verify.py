@@ -77,20 +77,29 @@ def _nll_and_argmax(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarr
     return float(-logp[np.arange(len(target)), target].sum()), logits[:-1].argmax(-1)
 
 
-def _engine_vs_reference(engine_dir: Path, ref, tok, end_id: int, settings: VerifySettings) -> dict:
+def _reference_runs(ref, tok, end_id: int, settings: VerifySettings) -> list[dict]:
+    """Per chat prompt: its ids, the reference's logits and greedy tokens (computed once for every engine)."""
+    runs = []
+    for msgs in PROMPTS:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        runs.append({"prompt": msgs[-1]["content"], "ids": ids, "logits": ref.logits(ids),
+                     "greedy": [t for t in ref.greedy(ids, settings.greedy_new_tokens, end_id) if t != end_id]})
+    return runs
+
+
+def _engine_vs_reference(engine_dir: Path, ref, tok, runs: list[dict], settings: VerifySettings) -> dict:
     """Logits against the reference on the chat prompts, and greedy generations."""
     from build_engine.cpu import CpuEngine, Sampling
 
     engine = CpuEngine(engine_dir, tok)
     rel_errors, prompts_out = [], []
     try:
-        for msgs in PROMPTS:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            lr, le = ref.logits(ids), engine_logits(engine_dir, ids)
+        for run in runs:
+            ids, lr, ref_toks = run["ids"], run["logits"], run["greedy"]
+            le = engine_logits(engine_dir, ids)
             rel_errors.append(float(np.abs(le - lr).max() / np.abs(lr).max()))
             eng_toks, _, _ = engine.generate(ids, Sampling(max_tokens=settings.greedy_new_tokens))
-            ref_toks = [t for t in ref.greedy(ids, settings.greedy_new_tokens, end_id) if t != end_id]
-            entry = {"prompt": msgs[-1]["content"], "identical": eng_toks == ref_toks,
+            entry = {"prompt": run["prompt"], "identical": eng_toks == ref_toks,
                      "engine": tok.decode(eng_toks), "reference": tok.decode(ref_toks)}
             if eng_toks != ref_toks:
                 k = next((i for i, (a, b) in enumerate(zip(eng_toks, ref_toks)) if a != b),
@@ -111,12 +120,19 @@ def _engine_vs_reference(engine_dir: Path, ref, tok, end_id: int, settings: Veri
 
 
 def _engine_perplexity(engine_dir: Path, windows: list[list[int]]) -> float:
-    """The engine's own perplexity on the held-out windows (logits position by position)."""
-    nll, n = 0.0, 0
-    for ids in windows:
-        s, _ = _nll_and_argmax(engine_logits(engine_dir, ids), ids)
-        nll, n = nll + s, n + len(ids) - 1
-    return math.exp(nll / n)
+    """The engine's own perplexity on the held-out windows (equal lengths), all windows decoded
+    together, one position per step."""
+    from build_engine.cpu.decoder import Decoder
+
+    ids = np.array(windows, dtype=np.int64)
+    rows, length = ids.shape
+    dec = Decoder(engine_dir, rows=rows, capacity=length)
+    nll = 0.0
+    for t in range(length - 1):
+        x = dec.forward(0, ids[:, t:t + 1], [t + 1] * rows).astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        nll -= float((x[np.arange(rows), ids[:, t + 1]] - np.log(np.exp(x).sum(-1))).sum())
+    return math.exp(nll / (rows * (length - 1)))
 
 
 def _engine_settings(engine_dir: Path, ckpt: Path, ck_m: dict) -> dict:
@@ -150,7 +166,8 @@ def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
     windows = calibration.token_batches(tok, [text], settings.ppl_windows, settings.ppl_seq_len, seed=1)
 
     # (a) engine vs reference, for the engine and each one compared with it
-    engines = {str(d): {**eng_settings[Path(d)], **_engine_vs_reference(Path(d), ref, tok, end_id, settings),
+    runs = _reference_runs(ref, tok, end_id, settings)
+    engines = {str(d): {**eng_settings[Path(d)], **_engine_vs_reference(Path(d), ref, tok, runs, settings),
                         "perplexity": _engine_perplexity(Path(d), windows)} for d in (engine_dir, *compare)}
     main_engine = engines[str(engine_dir)]
 
