@@ -2,8 +2,9 @@
 
 Data flow (one module each): sources (where the HF model comes from) -> calibration (text to
 calibrate on) -> quantize (ModelOpt INT4-AWQ + export) -> checkpoint (the W4A16_AWQ contract:
-read, validate, unpack) -> trtllm (the GPU engine command) | onnx_engine (the CPU engine) ->
-runtime (run the CPU engine) -> verify (engine vs reference, quantized vs original).
+read, validate, unpack) -> trtllm (the GPU engine command) | cpu (the CPU engine: graph writer,
+decoder, sampling, inflight scheduler) -> verify (engine vs reference, quantized vs original).
+tokenization (tokenizer loading, streaming detokenizer) is shared with the Triton models.
 """
 
 __version__ = "0.1.0"

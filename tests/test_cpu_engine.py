@@ -241,3 +241,16 @@ def test_detokenizer_deltas_concatenate_to_the_full_text(hermes_tokenizer, smol_
         deltas.append(d.flush())
         assert "".join(deltas) == tok.decode(ids)
         assert all("\ufffd" not in x for x in deltas)
+
+
+def test_a_released_kv_row_gives_its_memory_back(tiny_engine):
+    from build_engine.cpu.decoder import Decoder
+
+    dec = Decoder(tiny_engine, rows=2, capacity=1024)
+    ids = np.random.default_rng(0).integers(3, 32000, (2, 20))
+    dec.forward(0, ids, [20, 20])
+    assert all(np.abs(kv[r, :, :20]).sum() > 0 for kv in dec.kv for r in (0, 1))
+    dec.release(0)
+    # The pages are dropped (MADV_DONTNEED on private memory), so they read back as zeros; row 1 is kept.
+    assert not any(kv[0].any() for kv in dec.kv)
+    assert all(np.abs(kv[1, :, :20]).sum() > 0 for kv in dec.kv)
