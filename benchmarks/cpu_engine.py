@@ -150,6 +150,7 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
         for _ in tqdm(range(rounds), desc="interleaved rounds", disable=quiet_progress()):
             for b in phases:
                 for name, e in engines.items():
+                    time.sleep(0.5)  # the previous engine's spinning worker threads go idle first
                     raw[name][b].append(e.run(prompts[:b], new_tokens))
     finally:
         for e in engines.values():

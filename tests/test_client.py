@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -256,3 +258,19 @@ def test_chat_repl_streams_and_survives_ctrl_c_mid_answer(smol_server):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_a_stop_sequence_frees_the_engine_instead_of_generating_on(smol_server):
+    """"ragon" is not a token sequence the engine's id-level stop words can match (as on
+    TensorRT-LLM), so the BLS finds it in the text, cuts the reply and stops the engine request."""
+    mark = smol_server.log_mark()
+    with Client(smol_server.grpc_url) as c:
+        r = c.complete([Message("user", "Tell me a very long story about a dragon.")], max_tokens=1500,
+                       min_tokens=1500, stop=("ragon",))
+    assert r.finish_reason == "stop" and "ragon" not in r.text
+    deadline = time.time() + 10
+    while time.time() < deadline and not any("request cancelled after" in l for l in smol_server.logs_since(mark)):
+        time.sleep(0.05)
+    n = int(re.search(r"request cancelled after (\d+) tokens",
+                      next(l for l in smol_server.logs_since(mark) if "request cancelled after" in l)).group(1))
+    assert n < 200  # the BLS stopped the inner request; it did not run on to 1500 tokens

@@ -113,6 +113,20 @@ def test_tensorrt_llm_stops_only_on_the_end_id_it_is_sent(smol_server):
     assert generated(end_id=(stop_at, "INT32")) <= free_run.index(stop_at) + 1
 
 
+def test_tensorrt_llm_stop_words_are_token_sequences_kept_in_the_output(smol_server):
+    """As the C++ backend: stop_words_list [1, 2, L] holds id sequences; generation ends after the
+    first one is completed, and its tokens are part of the output."""
+    ids = chat_ids(smol_server.repo / "preprocessing" / "tokenizer", [Message("user", "Tell me a story.")])
+    results, _ = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, 40))
+    free_run = results[-1].as_numpy("output_ids").reshape(-1).tolist()
+    word = free_run[6:8]
+    words = grpcclient.InferInput("stop_words_list", [1, 2, 2], "INT32")
+    words.set_data_from_numpy(np.array([[word, [2, -1]]], dtype=np.int32))
+    results, err = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, 40) + [words])
+    first_end = next(i for i in range(1, len(free_run)) if free_run[i - 1:i + 1] == word)
+    assert err is None and results[-1].as_numpy("output_ids").reshape(-1).tolist() == free_run[:first_end + 1]
+
+
 def test_tensorrt_llm_refuses_a_request_that_does_not_ask_for_its_outputs(smol_server):
     """The C++ backend fails a request whose requested outputs lack output_ids or sequence_length."""
     ids = chat_ids(smol_server.repo / "preprocessing" / "tokenizer", QUESTION)

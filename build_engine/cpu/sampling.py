@@ -28,7 +28,8 @@ class Sampling:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text
+    stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text and cut from it
+    stop_words: tuple[tuple[int, ...], ...] = ()  # TensorRT-LLM's stop words: token sequences, kept in the output
     stop_token_ids: tuple[int, ...] = ()  # end the request like the end id (not emitted)
     ignore_eos: bool = False  # the engine's own end id does not end the request
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
@@ -39,8 +40,8 @@ class Sampling:
                        frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens, seed=self.seed)
         if not all(self.stop):
             raise ValueError("stop sequences must be non-empty strings")
-        if not all(self.bad_words):
-            raise ValueError("bad words must be non-empty token sequences")
+        if not all(self.bad_words) or not all(self.stop_words):
+            raise ValueError("stop and bad words must be non-empty token sequences")
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +82,9 @@ class Sampler:
         if self.generated < s.min_tokens and self._end_list.size:
             x[self._end_list] = -np.inf
         return x
+
+    def ends_with_stop_word(self) -> bool:
+        return any(self.history[-len(w):] == list(w) for w in self.s.stop_words)
 
     def next_token(self, logits: np.ndarray) -> int:
         """The next token from one row of logits [V]; records it as generated."""

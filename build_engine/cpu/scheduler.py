@@ -264,7 +264,9 @@ class CpuEngine:
                 self._finish(r, "stop")
                 return
         r.out.put(Step(token, text))
-        if r.sampler.generated >= s.max_tokens:
+        if r.sampler.ends_with_stop_word():
+            self._finish(r, "stop")
+        elif r.sampler.generated >= s.max_tokens:
             self._finish(r, "length")
         else:
             r.pending = token

@@ -137,11 +137,13 @@ class TritonPythonModel:
                                 flags=FINAL)
                     return
                 out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-                if out is None or cut.stopped:  # after a stop sequence: drain the inner stream
+                if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
                     continue
                 new = [int(t) for t in out.as_numpy().reshape(-1)]
                 n_out += len(new)
                 delta = cut.push("".join(detok.push(t) for t in new))
+                if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
+                    self._stop(llm_request.request_id())
                 if stream and delta:
                     sender.send(self._response(delta, "", len(ids), n_out))
                 pieces.append(delta)

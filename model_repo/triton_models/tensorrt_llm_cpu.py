@@ -59,7 +59,8 @@ class TritonPythonModel:
                 presence_penalty=float(val("presence_penalty", 0.0)),
                 frequency_penalty=float(val("frequency_penalty", 0.0)),
                 seed=None if val("seed") is None else int(val("seed")),
-                stop=tuple(s for s in (self.engine.tokenizer.decode(w) for w in words("stop_words_list")) if s),
+                # As TensorRT-LLM: stop words are token sequences, matched on ids and kept in the output.
+                stop_words=tuple(tuple(w) for w in words("stop_words_list")),
                 bad_words=tuple(tuple(w) for w in words("bad_words_list")),
                 # TensorRT-LLM stops only on the end id it is sent (none: -1, never stops).
                 ignore_eos=end_id != self.engine.end_id,
