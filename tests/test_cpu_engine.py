@@ -254,3 +254,32 @@ def test_a_released_kv_row_gives_its_memory_back(tiny_engine):
     # The pages are dropped (MADV_DONTNEED on private memory), so they read back as zeros; row 1 is kept.
     assert not any(kv[0].any() for kv in dec.kv)
     assert all(np.abs(kv[1, :, :20]).sum() > 0 for kv in dec.kv)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_they_reach_the_batch(smol_runtime):
+    v = smol_runtime.vocab_size
+    for bad in (dict(bad_words=((v,),)), dict(stop_words=((1, -3),))):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            smol_runtime.submit([1, 2, 3], Sampling(max_tokens=4, **bad))
+    with pytest.raises(ValueError, match="token id"):
+        smol_runtime.submit([1, v], Sampling(max_tokens=4))
+
+
+def test_a_request_whose_sampling_fails_fails_alone(smol_runtime, monkeypatch):
+    """An exception while sampling one request ends that request with an error; its batch goes on."""
+    from build_engine.cpu import sampling
+
+    tok = smol_runtime.tokenizer
+    healthy = smol_runtime.submit(chat(tok, "Tell me a story."), Sampling(max_tokens=40, ignore_eos=True))
+    real = sampling.Sampler.next_token
+
+    def broken(self, logits):
+        if self.s.seed == 666:
+            raise FloatingPointError("injected")
+        return real(self, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "next_token", broken)
+    doomed = smol_runtime.submit(chat(tok, "Name a fruit."), Sampling(max_tokens=40, temperature=1.0, seed=666))
+    steps = list(doomed)
+    assert doomed.finish_reason == "error" and "injected" in steps[-1].error
+    assert len([s for s in healthy if s.token_id is not None]) == 40 and healthy.finish_reason == "length"

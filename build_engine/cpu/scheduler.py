@@ -162,9 +162,11 @@ class CpuEngine:
         if n + sampling.max_tokens > self.kv_cache_tokens:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the KV cache "
                              f"budget of {self.kv_cache_tokens} tokens")
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for what, seq in (("token id", ids), ("bad word id", [i for w in sampling.bad_words for i in w]),
+                          ("stop word id", [i for w in sampling.stop_words for i in w])):
+            bad = [i for i in seq if not 0 <= int(i) < self.vocab_size]
+            if bad:
+                raise ValueError(f"{what} {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def submit(self, ids, sampling: Sampling = Sampling()) -> Stream:
         self.check_prompt(ids, sampling)
@@ -271,6 +273,13 @@ class CpuEngine:
         else:
             r.pending = token
 
+    def _advance(self, r: _Request, logits: np.ndarray) -> None:
+        """Sample and emit a request's next token; a failure there fails this request only."""
+        try:
+            self._emit(r, r.sampler.next_token(logits))
+        except Exception as e:
+            self._finish(r, "error", f"sampling failed: {type(e).__name__}: {e}")
+
     def _prefill(self) -> None:
         budget = self.max_num_tokens - len(self._live)
         used = 0
@@ -282,7 +291,7 @@ class CpuEngine:
             r.pos += n
             used += n
             if r.pos == len(r.ids):
-                self._emit(r, r.sampler.next_token(logits[0]))
+                self._advance(r, logits[0])
 
     def _decode(self) -> None:
         ready = [r for r in self._live if r.pending is not None]
@@ -305,7 +314,7 @@ class CpuEngine:
             r.pos += 1
             r.pending = None
         for r, row in zip(ready, rows):
-            self._emit(r, r.sampler.next_token(logits[row]))
+            self._advance(r, logits[row])
 
     def _loop(self) -> None:
         while True:
