@@ -16,8 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (BadRequest, StopText, params, refusal, scalar, strings,
-                                             to_words_list)
+from model_repo.triton_models.common import (BadRequest, CancelCheck, StopText, params, refusal, scalar,
+                                             strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Ensemble-style input name -> tensorrt_llm input name, dtype
@@ -126,9 +126,10 @@ class TritonPythonModel:
         cut = StopText(strings(pb_utils, request, "stop_words"))
         n_out, pieces = 0, []
         responses = llm_request.exec(decoupled=True)
+        cancelled = CancelCheck(sender)
         try:
             for r in responses:
-                if sender.is_cancelled():
+                if cancelled():
                     self._stop(llm_request.request_id())
                     sender.send(flags=FINAL)
                     return

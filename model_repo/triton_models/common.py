@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -94,3 +95,19 @@ class StopText:
     def flush(self) -> str:
         out, self.held = ("" if self.stopped else self.held), ""
         return out
+
+
+class CancelCheck:
+    """`sender.is_cancelled()` is a round trip to the Triton process: ask it at most every
+    `interval_s` while streaming, not for every token (cancellation then lands within that time)."""
+
+    def __init__(self, sender, interval_s: float = 0.02):
+        self.sender, self.interval = sender, interval_s
+        self.next = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.interval
+        return self.sender.is_cancelled()

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.cpu import CpuEngine, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import BadRequest, from_words_list, params, refusal, scalar
+from model_repo.triton_models.common import BadRequest, CancelCheck, from_words_list, params, refusal, scalar
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -121,9 +121,10 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
         generated, held = [], []
+        cancelled = CancelCheck(sender)
         try:
             for step in stream:
-                if sender.is_cancelled():
+                if cancelled():
                     stream.close()
                     pb_utils.Logger.log_info(f"request cancelled after {len(generated)} tokens")
                     sender.send(flags=FINAL)
