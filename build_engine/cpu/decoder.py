@@ -46,10 +46,6 @@ class Decoder:
                        f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}") for i in range(2 * self.layers)]
         self._bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
 
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * 4
-
     def _binding(self, start: int, n: int):
         key = (start, n)
         if key not in self._bindings:
