@@ -1,4 +1,4 @@
-"""python -m benchmarks: serve (sweep a deployment) | roofline | suite (make bench)."""
+"""python -m benchmarks: serve (sweep a deployment) | roofline | suite (make bench) | cpu-engine | soak."""
 
 from __future__ import annotations
 
@@ -198,6 +198,41 @@ def _cpu_engine(args) -> int:
     return 0
 
 
+def _soak(args) -> int:
+    """Serve the repository (and the OpenAI frontend), hold it under the soak's mixed load, report."""
+    from benchmarks import soak
+    from build_engine import UserError, manifest
+    from model_repo.__main__ import served_model_name, start_frontend
+    from model_repo.openai_api import FrontendConfig
+    from model_repo.server import TritonServer, free_port
+
+    repo, out = Path(args.repo).resolve(), Path(args.out)
+    engine = manifest.read(Path(manifest.read(repo, "triton-repository")["engine"]["path"]))
+    if engine["kind"] == "cpu-engine" and engine["settings"]["accuracy_level"] != 1:
+        raise UserError("the soak compares replies with solo runs, which needs a batch-invariant engine: build the "
+                        "CPU engine with --accuracy-level 1 and generate its repository")
+    transports = tuple(args.transports.split(","))
+    cfg = soak.SoakConfig(concurrency=args.concurrency, duration_s=args.duration, transports=transports,
+                          vanish_every_s=args.vanish_every, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with TritonServer(repo, log_file=out / "server.log") as server:
+        frontend, target = None, soak.Target(server)
+        if "openai" in transports:
+            port = free_port()
+            name = served_model_name(repo)
+            frontend = start_frontend(FrontendConfig(server.grpc_url, name), "127.0.0.1", port)
+            target = soak.Target(server, f"http://127.0.0.1:{port}/v1", name)
+        try:
+            result = soak.run(target, cfg)
+        finally:
+            if frontend is not None:
+                frontend.should_exit = True
+    path = soak.write(result, out)
+    print(soak.summary(result))
+    print(f"results in {path} and {path.with_suffix('.png')}")
+    return 0 if result["lost"] == result["garbled"] == 0 and not result["failed"] and result["ready_after"] else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(title="commands")
@@ -259,6 +294,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_cpu_engine)
+    s = sub.add_parser("soak", help="mixed load, early closes, killed clients and bad requests for a while; "
+                                    "counts lost, garbled and failed streams, samples the server's memory",
+                       epilog="example:\n  python -m benchmarks soak --repo artifacts/smol/model_repository-a1 "
+                              "--duration 1800 --out results/soak",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--repo", required=True, help="a repository of a batch-invariant engine (accuracy level 1)")
+    s.add_argument("--duration", type=float, default=1800.0, help="seconds of load (default: %(default)s)")
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--transports", default="grpc,http,openai")
+    s.add_argument("--vanish-every", type=float, default=10.0, help="seconds between killed client processes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="results/soak")
+    s.set_defaults(handler=_soak)
     return p
 
 

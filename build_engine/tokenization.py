@@ -17,6 +17,15 @@ def load_tokenizer(path: Path):
         raise UserError(f"cannot load the tokenizer from {path}: {e}") from None
 
 
+def max_prompt_bytes(tokenizer, max_input_len: int) -> int:
+    """A prompt size in UTF-8 bytes above which no text can tokenize to `max_input_len` tokens or
+    fewer, so that a longer one is refused before the tokenizer runs on it. A token's stored form is
+    never shorter than the text it stands for ("▁" for a space, "<0x41>" or "Ġ"-style bytes); the factor
+    4 covers normalizers that shrink text (NFKC folds a 3-byte ligature into one letter)."""
+    longest = max((len(t.encode("utf-8")) for t in tokenizer.get_vocab()), default=1)
+    return 4 * max_input_len * longest
+
+
 class Detokenizer:
     """Incremental detokenization that keeps SentencePiece leading spaces and never splits a
     multi-byte character: decode a short window of ids and emit only the new, complete suffix."""

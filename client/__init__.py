@@ -10,10 +10,10 @@ Light on purpose: tritonclient and numpy only; tokenization is the server's job.
 
 from client.chatml import format_chatml
 from client.client import AsyncClient, Client, Conversation
-from client.errors import (BadRequestError, CancelledError, ClientError, DeadlineExceededError, ServerError,
-                           UnavailableError, error_from_grpc)
+from client.errors import (BadRequestError, CancelledError, ClientError, DeadlineExceededError, OverloadedError,
+                           ServerError, UnavailableError, error_from_grpc)
 from client.types import Chunk, Completion, Message, SamplingParams
 
 __all__ = ["AsyncClient", "BadRequestError", "CancelledError", "Chunk", "Client", "ClientError", "Completion",
-           "Conversation", "DeadlineExceededError", "Message", "SamplingParams", "ServerError", "UnavailableError",
-           "error_from_grpc", "format_chatml"]
+           "Conversation", "DeadlineExceededError", "Message", "OverloadedError", "SamplingParams", "ServerError",
+           "UnavailableError", "error_from_grpc", "format_chatml"]

@@ -304,15 +304,18 @@ class Client:
     def _request_id(self) -> str:
         return f"{uuid.uuid4().hex[:12]}-{next(self._ids)}"
 
-    def stream(self, messages, params: SamplingParams | None = None, **overrides) -> Stream:
+    def stream(self, messages, params: SamplingParams | None = None, request_id: str | None = None,
+               **overrides) -> Stream:
         """Stream the reply to ChatML `messages` (a list of Message or dicts, or one user string)."""
-        return self.stream_text(_messages(messages), params, **overrides)
+        return self.stream_text(_messages(messages), params, request_id, **overrides)
 
-    def stream_text(self, prompt: str, params: SamplingParams | None = None, **overrides) -> Stream:
+    def stream_text(self, prompt: str, params: SamplingParams | None = None, request_id: str | None = None,
+                    **overrides) -> Stream:
         """Stream the continuation of a raw prompt (no chat template)."""
         fields = request_fields(prompt, _params(params, overrides))
         source = _HttpSource if self.protocol == "http" else _GrpcSource
-        return Stream(lambda: source(self, fields, self._request_id()), self.retries, self.backoff_s)
+        rid = request_id or self._request_id()
+        return Stream(lambda: source(self, fields, rid), self.retries, self.backoff_s)
 
     def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
         acc = _Collector()

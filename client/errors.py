@@ -19,6 +19,10 @@ class UnavailableError(ClientError):
     retryable = True
 
 
+class OverloadedError(UnavailableError):
+    """The server's queue is full: retry later (the client retries with backoff before the first token)."""
+
+
 class DeadlineExceededError(ClientError):
     """The request's deadline expired."""
 
@@ -39,6 +43,12 @@ _BY_STATUS = {
 # The stable marker the deployment's own models put at the start of every request they refuse
 # (model_repo/triton_models/common.py sends it); in-band stream errors carry no status code.
 BAD_REQUEST_MARKER = "invalid request: "
+# A full queue: TensorRT-LLM's executor (executorImpl.cpp enqueueRequests, 1.2.x; the backend returns it as
+# INTERNAL) and Triton core's dynamic batcher (scheduler_utils.cc, r24.10; UNAVAILABLE).
+OVERLOADED_ERRORS = ("Maximum queue size of", "Exceeds maximum queue size")
+# A server that is shutting down (server 2.51: core server.cc "Server exiting", dynamic_batch_scheduler.cc
+# "Server is stopping", and models already unloaded): try another replica.
+STOPPING_ERRORS = ("Server exiting", "Server is stopping", "has no available versions")
 # Triton core's own input checks (server 2.51, src/core infer_request.cc and the HTTP/gRPC frontends),
 # which refuse a request before any model sees it.
 TRITON_INPUT_ERRORS = ("unexpected inference input", "unexpected datatype", "unexpected shape for input",
@@ -51,6 +61,10 @@ def error_from_grpc(status: str | None, message: str) -> ClientError:
     Streams report in-band errors without a status: the deployment's marker or one of Triton core's
     input-check messages makes a bad request; anything else is a server error."""
     name = (status or "").rsplit(".", 1)[-1].upper()
+    if any(h in message for h in OVERLOADED_ERRORS):
+        return OverloadedError(message)
+    if any(h in message for h in STOPPING_ERRORS):
+        return UnavailableError(message)
     if name in _BY_STATUS:
         return _BY_STATUS[name](message)
     if BAD_REQUEST_MARKER in message or any(h in message for h in TRITON_INPUT_ERRORS):

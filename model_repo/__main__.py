@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from build_engine import UserError, cli, container
+from model_repo.server import DRAIN_TIMEOUT_S
 
 EXAMPLES = """examples:
   python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
@@ -34,7 +35,7 @@ def _serve(args) -> int:
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
         return _serve_gpu(repo, ports, args)
-    server = TritonServer(repo, args.host, ports)
+    server = TritonServer(repo, args.host, ports, drain_timeout_s=args.drain_timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -65,7 +66,7 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     from model_repo.server import gpu_command
 
     inside = shutil.which("tritonserver") is not None  # the serving image runs it directly
-    cmd = gpu_command(repo, args.host, ports, args.image, inside_container=inside)
+    cmd = gpu_command(repo, args.host, ports, args.image, inside_container=inside, drain_timeout_s=args.drain_timeout)
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -101,7 +102,7 @@ def _frontend_config(args, triton_url: str):
     name = args.model_name or (served_model_name(Path(args.repo).resolve()) if args.repo else "hermes-trtllm")
     return FrontendConfig(triton_url=triton_url, model_name=name,
                           api_key=args.api_key or os.environ.get("HERMES_API_KEY") or None,
-                          default_max_tokens=args.default_max_tokens)
+                          default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes)
 
 
 def start_frontend(cfg, host: str, port: int):
@@ -170,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--quiet", action="store_true", help="do not forward the server log")
+    s.add_argument("--drain-timeout", type=int, default=DRAIN_TIMEOUT_S,
+                   help="on SIGTERM/Ctrl-C, seconds that requests in flight may take to finish (default: %(default)s)")
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
     s.add_argument("--image", default=container.SERVING_IMAGE,
                    help="GPU: the serving image (default: %(default)s, built by `make gpu-image`)")
@@ -201,6 +204,8 @@ def _frontend_options(s, with_repo: bool) -> None:
     s.add_argument("--model-name", help="the model id clients send (default: the repository's source model)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set HERMES_API_KEY)")
     s.add_argument("--default-max-tokens", type=int, default=256, help="when a request names none")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="larger request bodies are refused with 413 (default: %(default)s)")
 
 
 def main(argv=None) -> int:

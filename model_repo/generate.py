@@ -106,7 +106,9 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         outputs=[Tensor("text_output", S, (-1,)), Tensor("finish_reason", S, (1,)),
                  Tensor("prompt_tokens", I32, (1,)), Tensor("completion_tokens", I32, (1,))],
         decoupled=True, instances=instances,
-        parameters={**tok, "tensorrt_llm_model_name": "tensorrt_llm"})
+        parameters={**tok, "tensorrt_llm_model_name": "tensorrt_llm",
+                    # Triton 2.51 (the CPU server) loses a mid-stream error on its way to the BLS (common.py).
+                    "engine_failure_marker": "true" if target == "cpu" else "false"})
     return [pre, llm, post, ensemble, bls]
 
 

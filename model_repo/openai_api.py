@@ -25,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from client import AsyncClient, BadRequestError, ClientError, Message, SamplingParams, UnavailableError
+from client import (AsyncClient, BadRequestError, ClientError, Message, OverloadedError, SamplingParams,
+                    UnavailableError)
 from client.chatml import format_chatml
 
 
@@ -36,6 +37,7 @@ class FrontendConfig:
     api_key: str | None = None
     default_max_tokens: int = 256
     triton_model: str = "tensorrt_llm_bls"
+    max_body_bytes: int = 4 << 20  # larger request bodies are refused (413) before they are read whole
 
 
 # -- requests: the OpenAI parameters this deployment honours; anything else is refused (400) --------
@@ -131,6 +133,8 @@ def api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, (BadRequestError, ValueError)):
         return ApiError(400, str(e), "invalid_request_error")
+    if isinstance(e, OverloadedError):  # as TGI answers a full queue: retryable, with backoff
+        return ApiError(429, f"the server is overloaded, retry later: {e}", "overloaded_error", code="overloaded")
     if isinstance(e, UnavailableError):
         return ApiError(503, f"the inference server is unavailable: {e}", "service_unavailable")
     return ApiError(500, f"{type(e).__name__}: {e}" if not isinstance(e, ClientError) else str(e), "server_error")
@@ -186,6 +190,7 @@ def create_app(cfg: FrontendConfig) -> FastAPI:
 
     app = FastAPI(title="hermes-trtllm OpenAI-compatible API", lifespan=lifespan)
     app.state.metrics = metrics
+    app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -320,6 +325,41 @@ def create_app(cfg: FrontendConfig) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _BodyLimit:
+    """Refuse a request body over `max_bytes` with 413: by its Content-Length before reading it, or,
+    without one, while reading it (at most `max_bytes` are held). uvicorn itself sets no limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._refuse(scope, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send):
+        e = ApiError(413, f"the request body is larger than {self.max_bytes} bytes", "invalid_request_error")
+        await JSONResponse(e.body(), status_code=413)(scope, None, send)
 
 
 class _ClosingStreamingResponse(StreamingResponse):

@@ -31,14 +31,20 @@ class Ports:
     metrics: int
 
 
-def tritonserver_args(repo: Path, host: str, ports: Ports) -> list[str]:
+DRAIN_TIMEOUT_S = 30  # Triton's own default for --exit-timeout-secs
+
+
+def tritonserver_args(repo: Path, host: str, ports: Ports, drain_timeout_s: int = DRAIN_TIMEOUT_S) -> list[str]:
     """The serving flags every launch shares (CPU, GPU container, inside the container): HTTP, gRPC
-    and metrics all bound to `host` (loopback unless the user says otherwise)."""
+    and metrics all bound to `host` (loopback unless the user says otherwise); on SIGINT/SIGTERM
+    Triton refuses new requests and lets those in flight (streams included) finish for up to
+    `drain_timeout_s` before it exits anyway. No model-control API: Triton's default mode, "none"."""
     return [
         f"--model-repository={repo}",
         f"--http-address={host}", f"--http-port={ports.http}",
         f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
         f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
+        f"--exit-timeout-secs={drain_timeout_s}",
     ]
 
 
@@ -99,7 +105,8 @@ def check_stub(backends: Path, env: dict[str, str]) -> None:
 
 class TritonServer:
     def __init__(self, repo: Path, host: str = "127.0.0.1", ports: Ports | None = None,
-                 log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None):
+                 log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None,
+                 drain_timeout_s: int = DRAIN_TIMEOUT_S):
         from build_engine.sources import cache_dir
 
         self.repo = Path(repo).resolve()
@@ -108,6 +115,7 @@ class TritonServer:
         self.host = host
         self.ports = ports or Ports(free_port(), free_port(), free_port())
         self.log_file, self.log_verbose = log_file, log_verbose
+        self.drain_timeout_s = int(drain_timeout_s)
         self.cache = cache or cache_dir()
         self.proc: subprocess.Popen | None = None
         self._log_thread: threading.Thread | None = None
@@ -124,9 +132,10 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         return [
-            str(pytriton_root() / "bin" / "tritonserver"), *tritonserver_args(self.repo, self.host, self.ports),
-            f"--backend-directory={backends}", "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-on-error=true",
-            "--log-verbose", str(self.log_verbose),
+            str(pytriton_root() / "bin" / "tritonserver"),
+            *tritonserver_args(self.repo, self.host, self.ports, self.drain_timeout_s),
+            f"--backend-directory={backends}", "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
+            "--exit-on-error=true", "--log-verbose", str(self.log_verbose),
         ]
 
     def start(self, timeout_s: float = 180.0, echo: bool = False) -> "TritonServer":
@@ -187,12 +196,13 @@ class TritonServer:
         except OSError:
             return False
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def stop(self) -> int | None:
+        """Drain and stop: SIGINT, then wait for the drain (and model unloading) before killing."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(timeout_s)
+            self.proc.wait(self.drain_timeout_s + 30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -207,7 +217,8 @@ class TritonServer:
         self.stop()
 
 
-def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_container: bool) -> list[str]:
+def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_container: bool,
+                drain_timeout_s: int = DRAIN_TIMEOUT_S) -> list[str]:
     """tritonserver with the TensorRT-LLM backend for a GPU repository. Inside the serving image it
     runs directly; elsewhere through docker with the image, the repository and the engine mounted
     read-only at the paths the configs name, and host networking so that the loopback binding
@@ -219,7 +230,7 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
     if not (engine / "manifest.json").is_file():
         raise UserError(f"the engine {engine} that {repo} serves is not there: run serve where the repository "
                         "was generated (paths are recorded as they were), or regenerate it")
-    args = ["tritonserver", *tritonserver_args(repo, host, ports)]
+    args = ["tritonserver", *tritonserver_args(repo, host, ports, drain_timeout_s)]
     if inside_container:
         return args
     mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]

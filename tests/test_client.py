@@ -13,7 +13,8 @@ import time
 import pytest
 
 from client import (AsyncClient, BadRequestError, Client, Conversation, DeadlineExceededError, Message,
-                    SamplingParams, ServerError, UnavailableError, error_from_grpc, format_chatml)
+                    OverloadedError, SamplingParams, ServerError, UnavailableError, error_from_grpc,
+                    format_chatml)
 
 PIECES = ["Hello", "naïve café", "東京タワー", "emoji 🚀🔥", " leading space", "trailing space ", "multi\nline",
           "<b>tags</b>", "quote \" and ' and \\", ""]
@@ -72,6 +73,11 @@ def test_message_roles_are_validated():
     (None, "[request id: <id_unknown>] unexpected inference input 'foo' for model 'tensorrt_llm_bls'",
      BadRequestError),
     (None, "engine exploded", ServerError),
+    # A full queue (TensorRT-LLM's executor: INTERNAL; Triton's dynamic batcher: UNAVAILABLE) is retryable.
+    ("StatusCode.INTERNAL", "Maximum queue size of 32 has been reached, please try again later", OverloadedError),
+    ("StatusCode.UNAVAILABLE", "[request id: 7] Exceeds maximum queue size", OverloadedError),
+    # A server shutting down: another replica can answer.
+    (None, "Request for unknown model: 'tensorrt_llm_bls' has no available versions", UnavailableError),
     # Words in a message do not make a bad request: only the marker or Triton's own input checks do.
     (None, "generation failed: unexpected end of stream", ServerError),
     (None, "the value must be valid", ServerError),

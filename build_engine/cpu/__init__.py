@@ -3,6 +3,6 @@
 batches requests in flight (`CpuEngine`)."""
 
 from build_engine.cpu.sampling import Sampling
-from build_engine.cpu.scheduler import CpuEngine, Step, Stream
+from build_engine.cpu.scheduler import CpuEngine, QueueFull, Step, Stream
 
-__all__ = ["CpuEngine", "Sampling", "Step", "Stream"]
+__all__ = ["CpuEngine", "QueueFull", "Sampling", "Step", "Stream"]

@@ -44,6 +44,14 @@ from build_engine.tokenization import Detokenizer, load_tokenizer
 DEFAULT_PREFILL_CHUNK = 128
 
 
+class QueueFull(RuntimeError):
+    """The engine's queue is full. The message is TensorRT-LLM's executor's (executorImpl.cpp,
+    Executor::Impl::enqueueRequests, 1.2.x), which its Triton backend returns as an INTERNAL error."""
+
+    def __init__(self, max_queue_size: int):
+        super().__init__(f"Maximum queue size of {max_queue_size} has been reached, please try again later")
+
+
 @dataclass
 class Step:
     token_id: int | None  # None on a final step that carries no token
@@ -83,6 +91,11 @@ class Stream:
         return self._r.admitted_step
 
     @property
+    def generated_tokens(self) -> int:
+        """Tokens the engine has sampled for this request so far."""
+        return self._r.sampler.generated
+
+    @property
     def finished_step(self) -> int | None:
         """The engine step at which its row was free again."""
         return self._r.finished_step
@@ -113,7 +126,8 @@ class Stream:
 class CpuEngine:
     def __init__(self, engine_dir: Path | str, tokenizer=None, *, max_batch_size: int | None = None,
                  kv_cache_tokens: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_num_tokens: int | None = None, batch_invariant: bool | None = None, threads: int = 0):
+                 max_num_tokens: int | None = None, batch_invariant: bool | None = None, threads: int = 0,
+                 max_queue_size: int = 0):
         self.dir = Path(engine_dir)
         self.manifest = manifest.read(self.dir, "cpu-engine")
         self.model_facts = self.manifest["model"]
@@ -124,6 +138,11 @@ class CpuEngine:
         self.kv_cache_tokens = int(kv_cache_tokens or self.max_batch_size * self.context_length)
         self.prefill_chunk = int(prefill_chunk)
         self.max_num_tokens = int(max_num_tokens or self.prefill_chunk + self.max_batch_size)
+        # Requests waiting for a row before submit() refuses more (0: unbounded), as TensorRT-LLM's
+        # executor with ExecutorConfig.maxQueueSize.
+        self.max_queue_size = int(max_queue_size)
+        if self.max_queue_size < 0:
+            raise UserError(f"max_queue_size must be >= 0 (got {self.max_queue_size})")
         for name in ("max_batch_size", "kv_cache_tokens", "prefill_chunk", "max_num_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -145,7 +164,10 @@ class CpuEngine:
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._live: list[_Request] = []  # index = KV row
+        self._queued = 0  # submitted and not yet admitted or ended (counted at submit, under the lock)
+        self._queue_lock = threading.Lock()
         self._closed = False
+        self.failures = 0  # engine steps that failed (their requests got an error)
         self._thread = threading.Thread(target=self._loop, name="cpu-engine", daemon=True)
         self._thread.start()
 
@@ -177,6 +199,10 @@ class CpuEngine:
         r = _Request(next(self._ids), np.asarray(prompt, dtype=np.int64), sampling,
                      Sampler(sampling, prompt, self.vocab_size, self.end_id),
                      Detokenizer(self.tokenizer, skip_ids=skip), need=len(prompt) + sampling.max_tokens)
+        with self._queue_lock:
+            if self.max_queue_size and self._queued + 1 > self.max_queue_size:
+                raise QueueFull(self.max_queue_size)
+            self._queued += 1
         self._post("add", r)
         return Stream(self, r)
 
@@ -204,7 +230,23 @@ class CpuEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def stats(self, tokens_per_block: int = 64) -> dict[str, int]:
+        """A snapshot for metrics, in TensorRT-LLM's terms (its executor's IterationStats); KV use is
+        counted in blocks of `tokens_per_block` positions per request, as a paged cache would hold it."""
+        live = list(self._live)
+        return {"active": len(self._requests), "scheduled": len(live), "waiting": self._queued,
+                "context": sum(1 for r in live if r.pos < len(r.ids)),
+                "generation": sum(1 for r in live if r.pos >= len(r.ids)),
+                "context_tokens": sum(len(r.ids) - r.pos for r in live if r.pos < len(r.ids)),
+                "kv_blocks_used": sum(-(-r.pos // tokens_per_block) for r in live),
+                "kv_tokens_reserved": self.reserved_tokens,
+                "iterations": self.step, "failures": self.failures}
+
     # -- engine thread ----------------------------------------------------------------------
+    def _dequeued(self) -> None:
+        with self._queue_lock:
+            self._queued -= 1
+
     def _post(self, kind: str, item) -> None:
         self._inbox.put((kind, item))
         self._wake.set()
@@ -227,6 +269,7 @@ class CpuEngine:
             if self.reserved_tokens + r.need > self.kv_cache_tokens:
                 return  # in arrival order: a large request is not overtaken for ever
             self._waiting.popleft()
+            self._dequeued()
             r.slot, r.admitted_step = len(self._live), self.step + 1
             self._live.append(r)
             self.reserved_tokens += r.need
@@ -240,6 +283,7 @@ class CpuEngine:
         self._requests.pop(r.rid, None)
         if r.slot < 0:
             self._waiting.remove(r)
+            self._dequeued()
             return
         # Keep live rows contiguous: the last row moves into the freed one.
         last = self._live.pop()
@@ -250,6 +294,17 @@ class CpuEngine:
         self.decoder.release(len(self._live))
         self.reserved_tokens -= r.need
         r.slot = -1
+
+    def _fail_running(self, error: str) -> None:
+        """End every running request with `error` and free every row (no cache moves: nothing stays)."""
+        live, self._live = self._live, []
+        for r in live:
+            r.finished, r.finished_step, r.slot = True, self.step + 1, -1
+            r.out.put(Step(None, "", "error", error))
+            self._requests.pop(r.rid, None)
+            self.reserved_tokens -= r.need
+        for row in range(self.decoder.rows):
+            self.decoder.release(row)
 
     def _emit(self, r: _Request, token: int) -> None:
         s = r.sampling
@@ -317,21 +372,24 @@ class CpuEngine:
             self._advance(r, logits[row])
 
     def _loop(self) -> None:
-        while True:
-            self._take_inbox()
-            if self._closed:
-                break
-            self._admit()
-            if not self._live:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            self.step += 1
+        while not self._closed:
             try:
-                self._prefill()
-                self._decode()
+                self._iteration()
             except Exception as e:  # an engine failure fails the requests in flight, not the engine
-                for r in list(self._live):
-                    self._finish(r, "error", f"engine failure: {type(e).__name__}: {e}")
+                self.failures += 1
+                self._fail_running(f"engine failure: {type(e).__name__}: {e}")
         for r in list(self._requests.values()):
             self._finish(r, "cancelled")
+
+    def _iteration(self) -> None:
+        self._take_inbox()
+        if self._closed:
+            return
+        self._admit()
+        if not self._live:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        self.step += 1
+        self._prefill()
+        self._decode()

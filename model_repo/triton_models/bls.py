@@ -16,8 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (BadRequest, CancelCheck, StopText, params, refusal, scalar,
-                                             strings, to_words_list)
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, StopText, failure_message,
+                                             params, refusal, scalar, strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Ensemble-style input name -> tensorrt_llm input name, dtype
@@ -35,6 +35,8 @@ class TritonPythonModel:
         self.tok = load_tokenizer(p["tokenizer_dir"])
         self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
+        # CPU deployments only (Triton 2.51): see common.FAILURE_MARKER.
+        self.failure_marker = p.get("engine_failure_marker", "false") == "true"
 
     _ids = itertools.count()
 
@@ -67,11 +69,10 @@ class TritonPythonModel:
             words = strings(pb_utils, request, name)
             if words:
                 tensors.append(pb_utils.Tensor(target, to_words_list(self.tok, words)[None]))
-        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=self._next_id(),
+        # The engine request's id carries the caller's, so the engine's log lines can be traced to it.
+        rid = f"{request.request_id() or 'bls'}#{next(self._ids)}" + (FAILURE_MARKER if self.failure_marker else "")
+        return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=rid,
                                          requested_output_names=["output_ids", "sequence_length"])
-
-    def _next_id(self) -> str:
-        return f"bls-{id(self)}-{next(self._ids)}"
 
     def _stop(self, request_id: str) -> None:
         """Cancel an inner request the way TensorRT-LLM's backend defines it: a request with the same
@@ -138,6 +139,9 @@ class TritonPythonModel:
                                 flags=FINAL)
                     return
                 out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+                failure = failure_message(pb_utils, r)
+                if failure is not None:
+                    raise RuntimeError(failure)
                 if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
                     continue
                 new = [int(t) for t in out.as_numpy().reshape(-1)]

@@ -111,3 +111,32 @@ class CancelCheck:
             return False
         self.next = now + self.interval
         return self.sender.is_cancelled()
+
+
+# The python backend of Triton < 2.57 (python_backend r24.10-r25.03: infer_response.cc SaveToSharedMemory
+# writes a response's id only when it carries no error; fixed by python_backend PR #398, in r25.04 and
+# the GPU container's r26.07) files an error response that follows other responses under a wrong id:
+# a BLS caller never sees it, nor the end of the stream, and waits for ever. The CPU server is Triton
+# 2.51, so there the BLS asks the CPU tensorrt_llm to end a failed stream with a normal final response
+# instead: sequence_length -1 and the error message's UTF-8 bytes as output_ids. It asks by ending the
+# request id with FAILURE_MARKER (a BLS request parameter would do, but in Triton 2.51 BLS requests
+# with parameters were seen to leave the BLS stub unhealthy under load). Direct clients still get an
+# error response, as from the C++ backend.
+FAILURE_MARKER = "~failure-marker"
+
+
+def failure_response(pb_utils, message: str):
+    data = np.frombuffer(message.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("output_ids", data.reshape(1, 1, -1)),
+        pb_utils.Tensor("sequence_length", np.array([[-1]], dtype=np.int32)),
+    ])
+
+
+def failure_message(pb_utils, response) -> str | None:
+    """The error a FAILURE_MARKER response carries, None for any other response."""
+    seq = pb_utils.get_output_tensor_by_name(response, "sequence_length")
+    if seq is None or int(seq.as_numpy().reshape(-1)[0]) != -1:
+        return None
+    ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1)
+    return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", "replace")

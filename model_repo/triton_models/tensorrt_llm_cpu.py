@@ -11,13 +11,15 @@ backend's -1 does)."""
 
 import json
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from build_engine.cpu import CpuEngine, Sampling
+from build_engine.cpu import CpuEngine, QueueFull, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import BadRequest, CancelCheck, from_words_list, params, refusal, scalar
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, failure_response,
+                                             from_words_list, params, refusal, scalar)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -33,8 +35,12 @@ class TritonPythonModel:
         # The config's batch size is the scheduler's row count; `max_tokens_in_paged_kv_cache`, when
         # set, is its KV budget (TensorRT-LLM's meaning), else every row can hold a full sequence.
         budget = p.get("max_tokens_in_paged_kv_cache", "").strip()
+        # The backend's executor queue bound is the config's dynamic_batching queue policy
+        # (model_instance_state.cc getExecutorConfigFromParams, TensorRT-LLM 1.2.x; absent or 0: none).
+        queue = int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0))
         self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER], max_batch_size=int(cfg["max_batch_size"]),
-                                kv_cache_tokens=int(budget) if budget else None)
+                                kv_cache_tokens=int(budget) if budget else None, max_queue_size=queue)
+        self.metrics = EngineMetrics(self.engine, args["model_name"], args["model_version"])
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.max_output_len = self.engine.context_length
         self.live = {}  # request id -> engine stream, for stop requests
@@ -120,17 +126,23 @@ class TritonPythonModel:
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
+        except QueueFull as e:  # the backend answers a full executor queue with INTERNAL and this text
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            return
         generated, held = [], []
         cancelled = CancelCheck(sender)
         try:
             for step in stream:
                 if cancelled():
                     stream.close()
-                    pb_utils.Logger.log_info(f"request cancelled after {len(generated)} tokens")
+                    self._log_cancelled(rid, stream)
                     sender.send(flags=FINAL)
                     return
                 if step.error:
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)), flags=FINAL)
+                    pb_utils.Logger.log_error(f"request {rid or '-'}: {step.error}")
+                    response = (failure_response(pb_utils, step.error) if rid.endswith(FAILURE_MARKER)
+                                else pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)))
+                    sender.send(response, flags=FINAL)
                     return
                 if step.token_id is not None:
                     generated.append(step.token_id)
@@ -145,7 +157,7 @@ class TritonPythonModel:
             stream.close()
             self.live.pop(rid, None)
         if stream.finish_reason == "cancelled":
-            pb_utils.Logger.log_info(f"request cancelled after {len(generated)} tokens")
+            self._log_cancelled(rid, stream)
             sender.send(flags=FINAL)
             return
         if streaming:
@@ -156,5 +168,67 @@ class TritonPythonModel:
             out = generated if exclude else ids.tolist() + generated
             self._send_tokens(sender, out, flags=FINAL)
 
+    @staticmethod
+    def _log_cancelled(rid: str, stream) -> None:
+        # The id and a count only: prompts and outputs stay out of the log.
+        pb_utils.Logger.log_info(f"request {rid or '-'} cancelled after {stream.generated_tokens} tokens")
+
     def finalize(self):
+        self.metrics.close()
         self.engine.close()
+
+
+class EngineMetrics:
+    """The tensorrtllm backend's engine metrics on Triton's /metrics, from the CPU engine's state:
+    the same families, labels and label values (custom_metrics_reporter.cc, TensorRT-LLM 1.2.x
+    triton_backend), so dashboards, alerts and autoscalers work on both. KV "blocks" are counted in
+    blocks of TOKENS_PER_BLOCK positions."""
+
+    TOKENS_PER_BLOCK = 64
+    INTERVAL_S = 0.1
+
+    def __init__(self, engine: CpuEngine, model: str, version: str):
+        self.engine = engine
+        base = {"model": model, "version": str(version)}
+        gauge = pb_utils.MetricFamily.GAUGE
+        self.families = {
+            "request": pb_utils.MetricFamily("nv_trt_llm_request_metrics", "TRT LLM request metrics", gauge),
+            "kv": pb_utils.MetricFamily("nv_trt_llm_kv_cache_block_metrics", "TRT LLM KV cache block metrics", gauge),
+            "ifb": pb_utils.MetricFamily("nv_trt_llm_inflight_batcher_metrics",
+                                         "TRT LLM inflight_batcher-specific metrics", gauge),
+            "general": pb_utils.MetricFamily("nv_trt_llm_general_metrics", "General TRT LLM metrics", gauge),
+        }
+        labels = {"request": ("request_type", ["active", "max", "scheduled", "context", "waiting"]),
+                  "kv": ("kv_cache_block_type", ["max", "free", "used", "tokens_per", "fraction"]),
+                  "ifb": ("inflight_batcher_specific_metric",
+                          ["total_context_tokens", "generation_requests", "micro_batch_id", "paused_requests"]),
+                  "general": ("general_type", ["timestamp", "iteration_counter"])}
+        self.metrics = {(fam, value): self.families[fam].Metric(labels={**base, key: value})
+                        for fam, (key, values) in labels.items() for value in values}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
+        self._thread.start()
+
+    def values(self) -> dict[tuple[str, str], float]:
+        e, per = self.engine, self.TOKENS_PER_BLOCK
+        s = e.stats(tokens_per_block=per)
+        max_blocks, used = e.kv_cache_tokens // per, s["kv_blocks_used"]
+        return {("request", "active"): s["active"], ("request", "max"): e.max_batch_size,
+                ("request", "scheduled"): s["scheduled"], ("request", "context"): s["context"],
+                ("request", "waiting"): s["waiting"],
+                ("kv", "max"): max_blocks, ("kv", "used"): used, ("kv", "free"): max(max_blocks - used, 0),
+                ("kv", "tokens_per"): per, ("kv", "fraction"): used / max_blocks if max_blocks else 0.0,
+                ("ifb", "total_context_tokens"): s["context_tokens"], ("ifb", "generation_requests"): s["generation"],
+                ("ifb", "micro_batch_id"): 0, ("ifb", "paused_requests"): 0,
+                ("general", "timestamp"): int(time.time() * 1e6), ("general", "iteration_counter"): s["iterations"]}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            for key, value in self.values().items():
+                self.metrics[key].set(value)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.metrics.clear()  # metrics before their families (the python backend's rule)
+        self.families.clear()
