@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -168,6 +168,10 @@ class _GrpcSource:
         self._g.stop_stream(cancel_requests=True)
         self._client._release(self._g)
 
+    def finish(self) -> None:
+        self._g.stop_stream(cancel_requests=False)
+        self._client._release(self._g)
+
 
 class _HttpSource:
     """One POST /v2/models/<m>/generate_stream call, read as server-sent events."""
@@ -198,6 +202,8 @@ class _HttpSource:
     def cancel(self) -> None:
         if self._resp is not None:
             self._resp.close()  # closing the connection cancels the request in Triton
+
+    finish = cancel  # after the final event the response is complete: closing it cancels nothing
 
 
 def _http_error_message(e: urllib.error.HTTPError) -> str:
@@ -238,6 +244,8 @@ class Stream:
             try:
                 self._source = self._open()
                 for chunk, final in self._source.events():
+                    if final:  # before the last yield: a consumer may stop there
+                        self._finish_source()
                     if chunk is not None and (chunk.text or final):
                         delivered = True
                         yield chunk
@@ -260,6 +268,13 @@ class Stream:
         if self._source is not None:
             source, self._source = self._source, None
             source.cancel()
+
+    def _finish_source(self) -> None:
+        """After the final response: close without cancelling. (Cancelling a request that has ended is
+        legal, but Triton 2.51's python backend can corrupt its memory on it: see RELIABILITY.md.)"""
+        if self._source is not None:
+            source, self._source = self._source, None
+            source.finish()
 
     def close(self) -> None:
         if not self._closed:
@@ -382,11 +397,13 @@ class AsyncClient:
                        "enable_empty_final_response": True}
 
             responses = self._g.stream_infer(requests(), stream_timeout=self.timeout_s, headers=self.headers)
+            finished = False
             try:
                 async for result, error in responses:
                     if error is not None:
                         raise error_from_grpc(getattr(error, "status", lambda: None)(), error.message())
                     chunk, final = parse_result(result)
+                    finished = final
                     if chunk is not None and (chunk.text or final):
                         delivered = True
                         yield chunk
@@ -402,7 +419,10 @@ class AsyncClient:
                     raise
                 raise error_from_grpc(_status_of(e), str(e)) from e
             finally:
-                responses.cancel()
+                # Cancel only a request that has not ended (see Stream._finish_source): once the request
+                # stream is exhausted the call half-closes and Triton ends it after the final response.
+                if not finished:
+                    responses.cancel()
 
     async def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
         acc = _Collector()

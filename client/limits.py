@@ -4,6 +4,8 @@ anywhere gets the same message everywhere (the server also knows the engine's ou
 
 from __future__ import annotations
 
+import math
+
 UINT64_MAX = 2**64 - 1
 
 
@@ -13,6 +15,13 @@ def sampling_problems(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, repetit
     """Every out-of-range value, one message each (empty when the request is within limits)."""
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
+
+    infinite = [name for name, v in (("temperature", temperature), ("top_p", top_p),
+                                     ("repetition_penalty", repetition_penalty),
+                                     ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty))
+                if isinstance(v, float) and math.isinf(v)]
+    if infinite:
+        return [f"{name} must be a finite number" for name in infinite]
 
     checks = [
         (is_int(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1 (got {max_tokens!r})"),

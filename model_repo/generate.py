@@ -62,7 +62,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
            "max_input_len": str(limits["max_input_len"]), "max_output_len": str(max_output_len)}
     pre = ModelSpec(
         "preprocessing", "python", max_batch_size,
-        inputs=[Tensor("QUERY", S, (1,)), Tensor("REQUEST_OUTPUT_LEN", I32, (1,)),
+        inputs=[Tensor("QUERY", S, (1,), True), Tensor("REQUEST_OUTPUT_LEN", I32, (1,), True),
                 Tensor("STOP_WORDS", S, (-1,), True), Tensor("BAD_WORDS", S, (-1,), True),
                 Tensor("END_ID", I32, (1,), True), Tensor("PAD_ID", I32, (1,), True)],
         outputs=[Tensor("INPUT_ID", I32, (-1,)), Tensor("REQUEST_INPUT_LEN", I32, (1,)),
@@ -79,7 +79,10 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
                     batching=Batching(max_queue_size, preferred_batch_size=(max_batch_size,)))
     ensemble = ModelSpec(
         "ensemble", None, max_batch_size,
-        inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
+        # text_input and max_tokens are optional only so that a request without one reaches preprocessing,
+        # which refuses it: Triton 2.51 checks an ensemble request's input count, not the names, and
+        # answers a request that lacks a required input but carries an optional one with an empty response.
+        inputs=[Tensor("text_input", S, (1,), True), Tensor("max_tokens", I32, (1,), True), *SAMPLING_INPUTS],
         outputs=[Tensor("text_output", S, (-1,))],
         ensemble_steps=[
             {"model": "preprocessing",

@@ -298,12 +298,15 @@ def create_app(cfg: FrontendConfig) -> FastAPI:
         return _ClosingStreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
+    streams = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                     "description": "the completion, or with stream=true its server-sent events"}}
+
+    @app.post("/v1/chat/completions", responses=streams)
     async def chat_completions(request: Request, body: ChatRequest):
         return await generate(request, body, body.prompt(), body.max_completion_tokens or body.max_tokens,
                               lambda *a: _render_chat(cfg.model_name, *a))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=streams)
     async def completions(request: Request, body: CompletionRequest):
         return await generate(request, body, body.prompt, body.max_tokens,
                               lambda *a: _render_completion(cfg.model_name, *a))

@@ -11,40 +11,14 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from client import BadRequestError, Client, Message, OverloadedError, ServerError, UnavailableError
-from tests.triton_util import http_post, ready
+from tests.triton_util import engine_metrics, http_post, ready, wait_engine_idle, wait_for
 
 STORY = [Message("user", "Tell me a very long story about dragons.")]
-
-
-def engine_metrics(server) -> dict[tuple[str, str], float]:
-    """The tensorrt_llm model's engine metrics, {(family, category value): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name.startswith("nv_trt_llm_"):
-            for s in fam.samples:
-                category = next(v for k, v in s.labels.items() if k not in ("model", "version"))
-                out[(fam.name, category)] = s.value
-    return out
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def shm_entries() -> set[str]:
@@ -146,8 +120,7 @@ def test_a_killed_client_frees_its_engine_row_within_a_few_tokens(smol_server):
     finally:
         proc.kill()
     assert received >= 10
-    wait_for(lambda: engine_metrics(smol_server)[("nv_trt_llm_request_metrics", "active")] == 0, 10,
-             "the engine to have no active request")
+    wait_engine_idle(smol_server, 10)
     line = wait_for(lambda: next((x for x in smol_server.logs_since(mark) if "request killed-client#" in x), None),
                     10, "the cancellation in the server log")
     generated = int(line.rsplit("cancelled after", 1)[1].split()[0])
@@ -295,7 +268,7 @@ def test_an_engine_failure_fails_the_requests_in_flight_and_the_model_keeps_serv
     assert results["r"][1] == "engine failure: RuntimeError: injected fault"
     assert ready(small_server.http_url)
     assert Client(url).complete([Message("user", "What is the capital of France?")], max_tokens=24).text
-    wait_for(lambda: engine_metrics(small_server)[("nv_trt_llm_request_metrics", "active")] == 0, 5, "no active request")
+    wait_engine_idle(small_server, 5)
 
 
 # -- limits that protect the server --------------------------------------------------------------

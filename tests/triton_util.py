@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 import urllib.request
 
 import numpy as np
@@ -82,3 +83,35 @@ def http_post(url: str, path: str, body: dict) -> tuple[int, bytes]:
 def ready(url: str) -> bool:
     with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as r:
         return r.status == 200
+
+
+def engine_metrics(server) -> dict[tuple[str, str], float]:
+    """The tensorrt_llm model's engine metrics (TensorRT-LLM's nv_trt_llm_* families), {(family, category): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith("nv_trt_llm_"):
+            for s in fam.samples:
+                category = next(v for k, v in s.labels.items() if k not in ("model", "version"))
+                out[(fam.name, category)] = s.value
+    return out
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def wait_engine_idle(server, timeout_s: float) -> None:
+    """Until the engine holds no request (its active-request gauge, refreshed every 0.1 s, reads 0)."""
+    time.sleep(0.15)
+    wait_for(lambda: engine_metrics(server)[("nv_trt_llm_request_metrics", "active")] == 0, timeout_s,
+             "the engine to hold no request")

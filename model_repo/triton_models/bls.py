@@ -8,7 +8,6 @@ request carries the end and pad ids that preprocessing settles (the request's ow
 tokenizer's): one rule for the ensemble and this model."""
 
 import itertools
-import json
 import threading
 
 import numpy as np
@@ -16,8 +15,8 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, StopText, failure_message,
-                                             params, refusal, scalar, strings, to_words_list)
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, StopText, check_no_parameters,
+                                             failure_message, params, refusal, scalar, strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Ensemble-style input name -> tensorrt_llm input name, dtype
@@ -111,9 +110,7 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
-            unknown = sorted(json.loads(request.parameters() or "{}"))
-            if unknown:
-                raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
+            check_no_parameters(request)
             text = scalar(pb_utils, request, "text_input")
             if not text:
                 raise BadRequest("text_input is empty")

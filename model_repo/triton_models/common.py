@@ -22,6 +22,8 @@ def scalar(pb_utils, request, name: str, default=None):
     a = t.as_numpy()
     if a.size == 0:
         return default
+    if a.size > 1:  # a batch of requests in one: its other rows would be dropped silently
+        raise BadRequest(f"{name} holds {a.size} values; this deployment takes one request (batch 1) at a time")
     v = a.reshape(-1)[0]
     if isinstance(v, bytes):
         return v.decode("utf-8")
@@ -60,6 +62,14 @@ def from_words_list(arr: np.ndarray) -> list[list[int]]:
 
 class BadRequest(ValueError):
     """A request the model refuses with a clear message; the server keeps serving."""
+
+
+def check_no_parameters(request) -> None:
+    """Request parameters (HTTP /generate's unknown JSON fields land there) are not inputs: refuse
+    them rather than ignore a misspelled option."""
+    unknown = sorted(json.loads(request.parameters() or "{}"))
+    if unknown:
+        raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
 
 
 def refusal(pb_utils, message: str):

@@ -5,7 +5,8 @@ import triton_python_backend_utils as pb_utils
 from build_engine.tokenization import load_tokenizer, max_prompt_bytes
 
 from client.limits import check_sampling
-from model_repo.triton_models.common import BadRequest, params, refusal, scalar, strings, to_words_list
+from model_repo.triton_models.common import (BadRequest, check_no_parameters, params, refusal, scalar, strings,
+                                             to_words_list)
 
 
 class TritonPythonModel:
@@ -17,7 +18,10 @@ class TritonPythonModel:
         self.max_prompt_bytes = max_prompt_bytes(self.tok, self.max_input_len)
 
     def _one(self, request):
+        check_no_parameters(request)  # the ensemble passes its request's parameters to each step
         text = scalar(pb_utils, request, "QUERY")
+        if text is None:
+            raise BadRequest("text_input is required")
         if not text:
             raise BadRequest("text_input is empty")
         size = len(text.encode("utf-8"))
@@ -30,6 +34,8 @@ class TritonPythonModel:
         if len(ids) > self.max_input_len:
             raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
         out_len = scalar(pb_utils, request, "REQUEST_OUTPUT_LEN")
+        if out_len is None:
+            raise BadRequest("max_tokens is required")
         check_sampling(max_tokens=out_len, max_output_len=self.max_output_len)  # the backend would take any
         end_id = scalar(pb_utils, request, "END_ID", self.end_id)
         pad_id = scalar(pb_utils, request, "PAD_ID", self.pad_id)

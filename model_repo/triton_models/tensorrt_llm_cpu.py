@@ -23,6 +23,9 @@ from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelC
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
+# Triton 2.51 checks a request's input count, not the names: a request missing a required input but
+# carrying an optional one reaches the model, which refuses it as Triton would.
+REQUIRED_INPUTS = [t.name for t in backend_contract.INPUTS if not t.optional]
 
 
 class TritonPythonModel:
@@ -101,7 +104,12 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         rid = request.request_id()
-        if scalar(pb_utils, request, "stop", False):
+        try:
+            stop = scalar(pb_utils, request, "stop", False)
+        except BadRequest as e:
+            sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
+            return
+        if stop:
             # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
             if not rid:
                 sender.send(pb_utils.InferenceResponse(error=refusal(
@@ -113,6 +121,9 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
         try:
+            absent = [n for n in REQUIRED_INPUTS if pb_utils.get_input_tensor_by_name(request, n) is None]
+            if absent:
+                raise BadRequest(f"{absent[0]} is required")
             missing = [n for n in REQUIRED_OUTPUTS if n not in request.requested_output_names()]
             if missing:  # as the C++ backend's fillTritonResponse
                 raise BadRequest(f"{missing[0]} tensor must be present in list of output tensors")
