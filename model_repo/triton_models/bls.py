@@ -19,6 +19,8 @@ from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelC
                                              failure_message, params, refusal, scalar, strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREPROCESSING_OUTPUTS = ["INPUT_ID", "REQUEST_INPUT_LEN", "OUT_REQUEST_OUTPUT_LEN", "OUT_END_ID", "OUT_PAD_ID",
+                         "STOP_WORDS_IDS", "BAD_WORDS_IDS"]
 # Ensemble-style input name -> tensorrt_llm input name, dtype
 FORWARD = {
     "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
@@ -92,20 +94,27 @@ class TritonPythonModel:
             v = scalar(pb_utils, request, name)
             if v is not None:
                 inputs.append(pb_utils.Tensor(target, np.array([[v]], dtype=np.int32)))
+        # Every output preprocessing has, and every inner stream read to its end: in Triton 2.51's python
+        # backend, outputs pruned to the requested ones, and BLS responses left in a dropped iterator,
+        # are freed without the GIL (fixed by python_backend PR #390, r24.12), which corrupts the stub's
+        # heap under load ("malloc(): unaligned tcache chunk detected", then "Stub process is not healthy").
         r = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
-                                      requested_output_names=["INPUT_ID", "OUT_END_ID", "OUT_PAD_ID"]).exec()
+                                      requested_output_names=PREPROCESSING_OUTPUTS).exec()
         if r.has_error():
             raise BadRequest(r.error().message())  # preprocessing's refusal, already marked
         out = lambda name: pb_utils.get_output_tensor_by_name(r, name).as_numpy().reshape(-1)  # noqa: E731
         return [int(i) for i in out("INPUT_ID")], int(out("OUT_END_ID")[0]), int(out("OUT_PAD_ID")[0])
 
-    def _response(self, text, finish_reason, n_prompt, n_out):
-        return pb_utils.InferenceResponse(output_tensors=[
+    @staticmethod
+    def _response(wanted, text, finish_reason, n_prompt, n_out):
+        """Only the outputs the caller asked for (`wanted`): see _preprocess on pruned outputs."""
+        tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
             pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
             pb_utils.Tensor("prompt_tokens", np.array([n_prompt], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([n_out], dtype=np.int32)),
-        ])
+        ]
+        return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if t.name() in wanted])
 
     def _serve(self, request):
         sender = request.get_response_sender()
@@ -120,6 +129,7 @@ class TritonPythonModel:
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
+        wanted = set(request.requested_output_names())
         detok = Detokenizer(self.tok, skip_ids=(end_id,))
         cut = StopText(strings(pb_utils, request, "stop_words"))
         n_out, pieces = 0, []
@@ -129,6 +139,8 @@ class TritonPythonModel:
             for r in responses:
                 if cancelled():
                     self._stop(llm_request.request_id())
+                    for _ in responses:  # to its end: see _preprocess on what undrained responses cost
+                        pass
                     sender.send(flags=FINAL)
                     return
                 if r.has_error():
@@ -147,7 +159,7 @@ class TritonPythonModel:
                 if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
                     self._stop(llm_request.request_id())
                 if stream and delta:
-                    sender.send(self._response(delta, "", len(ids), n_out))
+                    sender.send(self._response(wanted, delta, "", len(ids), n_out))
                 pieces.append(delta)
         except Exception as e:  # a broken inner stream fails this request only
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")),
@@ -157,4 +169,4 @@ class TritonPythonModel:
         pieces.append(tail)
         reason = "length" if n_out >= int(scalar(pb_utils, request, "max_tokens")) and not cut.stopped else "stop"
         final_text = tail if stream else "".join(pieces)
-        sender.send(self._response(final_text, reason, len(ids), n_out), flags=FINAL)
+        sender.send(self._response(wanted, final_text, reason, len(ids), n_out), flags=FINAL)
