@@ -16,7 +16,6 @@ import json
 import math
 import queue
 import re
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -455,6 +454,7 @@ def llm_request(draw, lim: Limits):
         req.inputs["stop"] = (as_array(True, "BOOL"), "BOOL")
         req.request_id = "fuzz-stop" if stop == "with_id" else ""
         req.refuse[:] = [] if stop == "with_id" else ["stop=true without a request id"]
+        required = ("input_lengths", "request_output_len")  # input_ids is optional in the backend's config
     elif req.outputs is not None and len(req.outputs) == 1:
         req.refuse.append(f"only {req.outputs} requested")
     return draw(attacked(req, required, lim, mode, params_refused=False, transports=("stream", "stream", "unary")))
@@ -811,39 +811,3 @@ def test_openai_frontend_from_its_openapi_schema(case, openai_frontend, frontend
     except (AssertionError, OSError) as e:
         FRONTEND_DOWN.append(f"after {case.method} {case.path} {short(case.body, 300)}: {e}")
         raise
-
-
-# -- a client that cancels its stream once the answer is in ------------------------------------------
-
-# Raw tritonclient streams cancelled after their final response leave Triton 2.51 unable to unload a
-# model now and then, and crash the BLS stub after ~1,100 (RELIABILITY.md): our clients must never do it.
-CANCELLED = 100
-
-
-def test_the_projects_clients_do_not_cancel_a_finished_stream(tiny_engine, tmp_path):
-    """The sync and async clients (and so the OpenAI frontend) end a stream whose final response is in
-    without cancelling it: after many requests the server still drains and stops promptly."""
-    import asyncio
-
-    from client import AsyncClient, Client, Message
-
-    server = own_server(tiny_engine, tmp_path)
-    try:
-        with Client(server.grpc_url) as c:
-            for _ in range(CANCELLED):
-                assert c.complete([Message("user", "hi")], max_tokens=2).completion_tokens
-
-        async def many():
-            a = AsyncClient(server.grpc_url)
-            for _ in range(CANCELLED):
-                assert (await a.complete([Message("user", "hi")], max_tokens=2)).completion_tokens
-            await a.close()
-
-        asyncio.run(many())
-        assert_serving(server)
-        t0 = time.monotonic()
-        code = server.stop()
-        took = time.monotonic() - t0
-    finally:
-        server.stop()
-    assert code == 0 and took < 20, f"stop took {took:.1f} s (exit code {code})"
