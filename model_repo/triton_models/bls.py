@@ -7,6 +7,7 @@ TensorRT-LLM's backend has no default end id (a request without one never stops)
 request carries the end and pad ids that preprocessing settles (the request's own, else the
 tokenizer's): one rule for the ensemble and this model."""
 
+import collections
 import itertools
 import threading
 
@@ -19,6 +20,11 @@ from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelC
                                              failure_message, params, refusal, scalar, strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
+# their last reference is dropped here, by Python under the GIL, and not by the stub's own threads: the
+# python backend of Triton 2.51 frees NumPy-backed tensors without the GIL (python_backend PR #390, fixed
+# in r24.12), which corrupts the stub's heap under load.
+_KEEP: collections.deque = collections.deque(maxlen=256)  # some 85 requests: seconds at any load
 PREPROCESSING_OUTPUTS = ["INPUT_ID", "REQUEST_INPUT_LEN", "OUT_REQUEST_OUTPUT_LEN", "OUT_END_ID", "OUT_PAD_ID",
                          "STOP_WORDS_IDS", "BAD_WORDS_IDS"]
 # Ensemble-style input name -> tensorrt_llm input name, dtype
@@ -83,7 +89,9 @@ class TritonPythonModel:
             model_name=self.llm, request_id=request_id, requested_output_names=["output_ids"],
             inputs=[pb_utils.Tensor("input_ids", one), pb_utils.Tensor("input_lengths", one),
                     pb_utils.Tensor("request_output_len", one), pb_utils.Tensor("stop", np.array([[True]]))])
-        for _ in stop.exec(decoupled=True):
+        responses = stop.exec(decoupled=True)
+        _KEEP.append((stop, responses))
+        for _ in responses:
             pass
 
     def _preprocess(self, request, text: str) -> tuple[list[int], int, int]:
@@ -98,8 +106,10 @@ class TritonPythonModel:
         # backend, outputs pruned to the requested ones, and BLS responses left in a dropped iterator,
         # are freed without the GIL (fixed by python_backend PR #390, r24.12), which corrupts the stub's
         # heap under load ("malloc(): unaligned tcache chunk detected", then "Stub process is not healthy").
-        r = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
-                                      requested_output_names=PREPROCESSING_OUTPUTS).exec()
+        pre = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
+                                        requested_output_names=PREPROCESSING_OUTPUTS)
+        r = pre.exec()
+        _KEEP.append((pre, r))
         if r.has_error():
             raise BadRequest(r.error().message())  # preprocessing's refusal, already marked
         out = lambda name: pb_utils.get_output_tensor_by_name(r, name).as_numpy().reshape(-1)  # noqa: E731
@@ -134,6 +144,7 @@ class TritonPythonModel:
         cut = StopText(strings(pb_utils, request, "stop_words"))
         n_out, pieces = 0, []
         responses = llm_request.exec(decoupled=True)
+        _KEEP.append((llm_request, responses))
         cancelled = CancelCheck(sender)
         try:
             for r in responses:
