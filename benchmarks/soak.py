@@ -246,7 +246,11 @@ class Soak:
             except asyncio.TimeoutError:
                 rec.outcome = "lost"
             finally:
-                proc.kill()
+                if proc.returncode is None:
+                    try:
+                        proc.kill()
+                    except ProcessLookupError:  # it ended on its own meanwhile
+                        pass
                 await proc.wait()
             rec.elapsed_s = time.monotonic() - start
             self.records.append(rec)

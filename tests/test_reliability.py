@@ -145,9 +145,10 @@ def test_engine_metrics_are_tensorrt_llms_and_follow_the_load(smol_server):
                     break
     assert busy[("nv_trt_llm_request_metrics", "active")] >= 1
     assert busy[("nv_trt_llm_kv_cache_block_metrics", "used")] >= 1
+    # The gauges are set one after another: wait until both read 0.
     after = wait_for(lambda: (m := engine_metrics(smol_server))[("nv_trt_llm_request_metrics", "active")] == 0
-                     and m, 10, "no active request")
-    assert after[("nv_trt_llm_kv_cache_block_metrics", "used")] == 0
+                     and m[("nv_trt_llm_kv_cache_block_metrics", "used")] == 0 and m, 10,
+                     "no active request and no KV block in use")
     assert after[("nv_trt_llm_general_metrics", "iteration_counter")] > before[
         ("nv_trt_llm_general_metrics", "iteration_counter")]
 

@@ -105,6 +105,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         rid = request.request_id()
         try:
+            absent = [n for n in REQUIRED_INPUTS if pb_utils.get_input_tensor_by_name(request, n) is None]
+            if absent:  # before anything else, stop requests included, as Triton's own check would be
+                raise BadRequest(f"{absent[0]} is required")
             stop = scalar(pb_utils, request, "stop", False)
         except BadRequest as e:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
@@ -121,9 +124,6 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
         try:
-            absent = [n for n in REQUIRED_INPUTS if pb_utils.get_input_tensor_by_name(request, n) is None]
-            if absent:
-                raise BadRequest(f"{absent[0]} is required")
             missing = [n for n in REQUIRED_OUTPUTS if n not in request.requested_output_names()]
             if missing:  # as the C++ backend's fillTritonResponse
                 raise BadRequest(f"{missing[0]} tensor must be present in list of output tensors")
