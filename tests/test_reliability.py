@@ -140,11 +140,14 @@ def test_engine_metrics_are_tensorrt_llms_and_follow_the_load(smol_server):
         with c.stream(STORY, max_tokens=200, min_tokens=200) as s:
             for i, _ in enumerate(s):
                 if i == 5:
+                    # Sampled every 0.1 s and set one after another: wait until all three show it.
                     busy = wait_for(lambda: (m := engine_metrics(smol_server))[
-                        ("nv_trt_llm_request_metrics", "scheduled")] >= 1 and m, 5, "a scheduled request")
+                        ("nv_trt_llm_request_metrics", "scheduled")] >= 1
+                        and m[("nv_trt_llm_request_metrics", "active")] >= 1
+                        and m[("nv_trt_llm_kv_cache_block_metrics", "used")] >= 1 and m, 5,
+                        "a scheduled request holding KV blocks")
                     break
-    assert busy[("nv_trt_llm_request_metrics", "active")] >= 1
-    assert busy[("nv_trt_llm_kv_cache_block_metrics", "used")] >= 1
+    assert busy[("nv_trt_llm_kv_cache_block_metrics", "free")] < busy[("nv_trt_llm_kv_cache_block_metrics", "max")]
     # The gauges are set one after another: wait until both read 0.
     after = wait_for(lambda: (m := engine_metrics(smol_server))[("nv_trt_llm_request_metrics", "active")] == 0
                      and m[("nv_trt_llm_kv_cache_block_metrics", "used")] == 0 and m, 10,

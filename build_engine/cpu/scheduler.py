@@ -232,13 +232,15 @@ class CpuEngine:
 
     def stats(self, tokens_per_block: int = 64) -> dict[str, int]:
         """A snapshot for metrics, in TensorRT-LLM's terms (its executor's IterationStats); KV use is
-        counted in blocks of `tokens_per_block` positions per request, as a paged cache would hold it."""
+        counted in blocks of `tokens_per_block` positions per request, as a paged cache would hold it:
+        a scheduled request holds its whole prompt's blocks from admission on (TensorRT-LLM's KV cache
+        manager allocates the context blocks when it schedules the request), and more as it generates."""
         live = list(self._live)
         return {"active": len(self._requests), "scheduled": len(live), "waiting": self._queued,
                 "context": sum(1 for r in live if r.pos < len(r.ids)),
                 "generation": sum(1 for r in live if r.pos >= len(r.ids)),
                 "context_tokens": sum(len(r.ids) - r.pos for r in live if r.pos < len(r.ids)),
-                "kv_blocks_used": sum(-(-r.pos // tokens_per_block) for r in live),
+                "kv_blocks_used": sum(-(-max(r.pos, len(r.ids)) // tokens_per_block) for r in live),
                 "kv_tokens_reserved": self.reserved_tokens,
                 "iterations": self.step, "failures": self.failures}
 

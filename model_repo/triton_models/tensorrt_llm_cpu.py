@@ -216,6 +216,7 @@ class EngineMetrics:
                   "general": ("general_type", ["timestamp", "iteration_counter"])}
         self.metrics = {(fam, value): self.families[fam].Metric(labels={**base, key: value})
                         for fam, (key, values) in labels.items() for value in values}
+        self._publish()  # right from readiness on, not 0.1 s later
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
         self._thread.start()
@@ -233,10 +234,13 @@ class EngineMetrics:
                 ("ifb", "micro_batch_id"): 0, ("ifb", "paused_requests"): 0,
                 ("general", "timestamp"): int(time.time() * 1e6), ("general", "iteration_counter"): s["iterations"]}
 
+    def _publish(self) -> None:
+        for key, value in self.values().items():
+            self.metrics[key].set(value)
+
     def _run(self) -> None:
         while not self._stop.wait(self.INTERVAL_S):
-            for key, value in self.values().items():
-                self.metrics[key].set(value)
+            self._publish()
 
     def close(self) -> None:
         self._stop.set()
