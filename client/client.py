@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from client.balancing import channel_args, endpoints, grpc_target
 from client.chatml import format_chatml
 from client.errors import ClientError, DeadlineExceededError, UnavailableError, error_from_grpc
 from client.types import Chunk, Completion, Message, SamplingParams
@@ -290,14 +291,21 @@ class Stream:
 
 class Client:
     """Synchronous client over gRPC (default) or HTTP. gRPC streams run on pooled connections
-    (tritonclient allows one stream per connection), so a service can hold several at once."""
+    (tritonclient allows one stream per connection), so a service can hold several at once. Over gRPC,
+    `url` may name several replicas (a list of ip:port, or one dns:///name:port target): calls go
+    round robin to the replicas that are up (client/balancing.py)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = DEFAULT_MODEL, timeout_s: float | None = None,
-                 ssl: bool = False, root_certificates: str | None = None, headers: dict[str, str] | None = None,
-                 retries: int = 3, backoff_s: float = 0.2, protocol: str = "grpc"):
+    def __init__(self, url: str | list[str] = "127.0.0.1:8001", model: str = DEFAULT_MODEL,
+                 timeout_s: float | None = None, ssl: bool = False, root_certificates: str | None = None,
+                 headers: dict[str, str] | None = None, retries: int = 3, backoff_s: float = 0.2,
+                 protocol: str = "grpc"):
         if protocol not in ("grpc", "http"):
             raise ValueError("protocol must be 'grpc' or 'http'")
-        self.url, self.model, self.timeout_s = url, model, timeout_s
+        if protocol == "http" and len(endpoints(url)) > 1:
+            raise ValueError("the HTTP transport takes one endpoint; several replicas are for gRPC")
+        # gRPC: one endpoint, several, or a dns:/// target, balanced round robin (client/balancing.py).
+        self.url = grpc_target(url) if protocol == "grpc" else endpoints(url)[0]
+        self.model, self.timeout_s = model, timeout_s
         self.ssl, self.root_certificates, self.headers = ssl, root_certificates, dict(headers or {})
         self.retries, self.backoff_s, self.protocol = retries, backoff_s, protocol
         self._pool: list = []
@@ -310,7 +318,8 @@ class Client:
         with self._lock:
             if self._pool:
                 return self._pool.pop()
-        return g.InferenceServerClient(self.url, ssl=self.ssl, root_certificates=self.root_certificates)
+        return g.InferenceServerClient(self.url, ssl=self.ssl, root_certificates=self.root_certificates,
+                                       channel_args=channel_args())
 
     def _release(self, grpc_client) -> None:
         with self._lock:
@@ -370,14 +379,15 @@ class AsyncClient:
                 print(chunk.text, end="")
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = DEFAULT_MODEL, timeout_s: float | None = None,
-                 ssl: bool = False, root_certificates: str | None = None, headers: dict[str, str] | None = None,
-                 retries: int = 3, backoff_s: float = 0.2):
+    def __init__(self, url: str | list[str] = "127.0.0.1:8001", model: str = DEFAULT_MODEL,
+                 timeout_s: float | None = None, ssl: bool = False, root_certificates: str | None = None,
+                 headers: dict[str, str] | None = None, retries: int = 3, backoff_s: float = 0.2):
         import tritonclient.grpc.aio as ga
 
         self.model, self.timeout_s, self.headers = model, timeout_s, dict(headers or {})
         self.retries, self.backoff_s = retries, backoff_s
-        self._g = ga.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        self._g = ga.InferenceServerClient(grpc_target(url), ssl=ssl, root_certificates=root_certificates,
+                                           channel_args=channel_args())
         self._ids = itertools.count()
 
     def stream(self, messages, params: SamplingParams | None = None, **overrides):

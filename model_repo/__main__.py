@@ -74,6 +74,8 @@ def _serve_gpu(repo: Path, ports, args) -> int:
         raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                         f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
     if not args.openai_port:
+        if inside:  # tritonserver replaces this process: SIGTERM (a pod stopping) reaches it and it drains
+            os.execvp(cmd[0], cmd)
         return subprocess.call(cmd)
     # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
     proc = subprocess.Popen(cmd)

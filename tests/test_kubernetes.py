@@ -1,0 +1,144 @@
+"""deploy/kubernetes (issue #12): every overlay renders with `kubectl kustomize`, every object validates
+against the Kubernetes 1.32 schemas (kubernetes-validate, strict), and the wiring holds: the commands
+parse with this project's own CLI, ports, probes and scrape annotations agree, the GPU count is the
+engine's world size, Services and budgets select the pods, the autoscaler's metric is one the engine
+publishes and its target fits the preset's batch size."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+KUBERNETES = "1.32.0"  # the kubectl on these machines (v1.32.4); GKE/EKS/AKS all serve 1.32
+OVERLAYS = {"h100-7b": "nous-hermes-2-mistral-7b-dpo", "cpu": "smollm2-135m-instruct"}
+
+
+def render(overlay: str) -> dict[tuple[str, str], dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/kubernetes"
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "overlays" / overlay)], check=True,
+                         capture_output=True, text=True).stdout
+    return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def rendered(request):
+    return request.param, render(request.param)
+
+
+def test_every_overlay_is_listed():
+    assert {p.name for p in (ROOT / "overlays").iterdir()} == set(OVERLAYS)
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    _, objs = rendered
+    assert {kind for kind, _ in objs} == {"Deployment", "Service", "PodDisruptionBudget",
+                                          "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+    for obj in objs.values():
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)  # raises on any schema error
+
+
+def _pod(objs):
+    return objs[("Deployment", "hermes-triton")]["spec"]["template"]
+
+
+def _containers(objs) -> dict[str, dict]:
+    spec = _pod(objs)["spec"]
+    return {c["name"]: c for c in spec["initContainers"] + spec["containers"]}
+
+
+def _cli(container: dict):
+    """The container's `python3 -m model_repo ...` command, parsed by the project's own parser."""
+    from model_repo.__main__ import parser
+
+    cmd = container["command"]
+    assert cmd[:3] == ["python3", "-m", "model_repo"], cmd
+    return parser().parse_args(cmd[3:])
+
+
+def test_commands_parse_and_agree_on_paths_and_ports(rendered):
+    _, objs = rendered
+    c = _containers(objs)
+    gen, serve, openai = _cli(c["repository"]), _cli(c["triton"]), _cli(c["openai"])
+    assert gen.output == serve.repo == openai.repo
+    mounts = {m["mountPath"]: m for m in c["triton"]["volumeMounts"]}
+    assert gen.engine in mounts and mounts[gen.engine].get("readOnly")
+    ports = {p["name"]: p["containerPort"] for p in c["triton"]["ports"]}
+    assert ports == {"http": serve.http_port, "grpc": serve.grpc_port, "metrics": serve.metrics_port}
+    assert serve.host == "0.0.0.0"  # inside the pod, for the Services and the kubelet's probes
+    assert openai.triton == f"127.0.0.1:{serve.grpc_port}" and openai.host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in c["openai"]["ports"]} == {"openai": openai.port}
+
+
+def test_probes_and_graceful_termination(rendered):
+    _, objs = rendered
+    triton = _containers(objs)["triton"]
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # The pod is given time for the preStop pause, Triton's drain and the models' unloading.
+    pause = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = _cli(triton).drain_timeout
+    assert _pod(objs)["spec"]["terminationGracePeriodSeconds"] >= pause + drain + 30
+
+
+def test_scrape_annotations_name_the_metrics_port(rendered):
+    _, objs = rendered
+    notes = _pod(objs)["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/path"] == "/metrics"
+    assert int(notes["prometheus.io/port"]) == _cli(_containers(objs)["triton"]).metrics_port
+
+
+def test_gpu_count_is_the_engines_world_size(rendered):
+    overlay, objs = rendered
+    triton = _containers(objs)["triton"]
+    gpus = {k: v.get("nvidia.com/gpu") for k, v in triton["resources"].items()}
+    if overlay == "cpu":
+        assert gpus == {"requests": None, "limits": None}
+        return
+    world = int(_pod(objs)["metadata"]["annotations"]["hermes-trtllm.io/world-size"])
+    assert gpus == {"requests": world, "limits": world}
+    assert all("nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+               for name, c in _containers(objs).items() if name != "triton")
+
+
+def test_services_and_budget_select_the_pods(rendered):
+    _, objs = rendered
+    labels = _pod(objs)["metadata"]["labels"]
+    pod_ports = {p["name"] for c in _pod(objs)["spec"]["containers"] for p in c["ports"]}
+    for name in ("hermes-triton", "hermes-triton-grpc"):
+        svc = objs[("Service", name)]["spec"]
+        assert svc["selector"] and svc["selector"].items() <= labels.items()
+        assert {p["targetPort"] for p in svc["ports"]} <= pod_ports
+    headless = objs[("Service", "hermes-triton-grpc")]["spec"]
+    assert headless["clusterIP"] == "None" and [p["name"] for p in headless["ports"]] == ["grpc"]
+    pdb = objs[("PodDisruptionBudget", "hermes-triton")]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    deployment = objs[("Deployment", "hermes-triton")]["spec"]
+    assert deployment["selector"]["matchLabels"].items() <= labels.items()
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in _pod(objs)["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {name for kind, name in objs if kind == "PersistentVolumeClaim"}
+
+
+def test_autoscaler_metric_is_the_engines_and_fits_the_batch(rendered):
+    from build_engine import presets
+
+    overlay, objs = rendered
+    hpa = objs[("HorizontalPodAutoscaler", "hermes-triton")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hermes-triton"}
+    (metric,) = hpa["metrics"]
+    adapter = yaml.safe_load((ROOT / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = [r for r in adapter if r["name"]["as"] == metric["pods"]["metric"]["name"]]
+    # The series is the TensorRT-LLM backend's family, published by the CPU engine too
+    # (model_repo/triton_models/tensorrt_llm_cpu.py EngineMetrics, tested in test_reliability.py).
+    assert rule["seriesQuery"].startswith('nv_trt_llm_request_metrics{request_type="active"')
+    max_batch = presets.load(OVERLAYS[overlay]).engine.max_batch_size
+    assert 0 < int(metric["pods"]["target"]["averageValue"]) < max_batch
