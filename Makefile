@@ -65,7 +65,8 @@ SERVING_IMAGE := hermes-trtllm:gpu-trtllm1.2.1
 GPU_PY ?= python3
 GPU_MODEL ?= nous-hermes-2-mistral-7b-dpo
 GPU_SOURCE ?= $(GPU_MODEL)
-GPU_DIR := $(ARTIFACTS)/$(GPU_MODEL)
+GPU_TP ?= 1
+GPU_DIR := $(ARTIFACTS)/$(GPU_MODEL)$(if $(filter-out 1,$(GPU_TP)),-tp$(GPU_TP))
 
 # The base image is the preset's setting (triton_image; build_engine/container.py says what it ships).
 GPU_BASE_IMAGE ?= $(shell $(GPU_PY) -c "import json; print(json.load(open('build_engine/presets/$(GPU_MODEL).json'))['triton_image'])")
@@ -74,7 +75,7 @@ gpu-image:
 	docker build --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) -t $(SERVING_IMAGE) .
 
 $(GPU_DIR)/checkpoint/manifest.json:
-	$(GPU_PY) -m build_engine quantize --model $(GPU_SOURCE) --preset $(GPU_MODEL) --output $(GPU_DIR)/checkpoint
+	$(GPU_PY) -m build_engine quantize --model $(GPU_SOURCE) --preset $(GPU_MODEL) --tp-size $(GPU_TP) --output $(GPU_DIR)/checkpoint
 
 $(GPU_DIR)/engine-gpu/manifest.json: $(GPU_DIR)/checkpoint/manifest.json
 	$(GPU_PY) -m build_engine build --checkpoint $(GPU_DIR)/checkpoint --output $(GPU_DIR)/engine-gpu --target gpu

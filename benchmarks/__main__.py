@@ -109,8 +109,18 @@ def _compare(args) -> int:
 def _roofline(args) -> int:
     from benchmarks import roofline
 
-    b = roofline.bytes_from_checkpoint(Path(args.checkpoint)) if args.checkpoint else roofline.preset_bytes(args.preset)
-    r = roofline.roofline(b, args.gpu, args.batch)
+    if args.checkpoint:
+        from build_engine import checkpoint
+
+        cfg = checkpoint.read_config(Path(args.checkpoint))
+        b, tp = roofline.bytes_from_checkpoint(Path(args.checkpoint)), args.tp or cfg["mapping"]["tp_size"]
+        arch = {"hidden_size": cfg["hidden_size"], "num_hidden_layers": cfg["num_hidden_layers"],
+                "vocab_size": cfg["vocab_size"]}
+    else:
+        from build_engine import presets
+
+        b, tp, arch = roofline.preset_bytes(args.preset), args.tp or 1, presets.load(args.preset).architecture
+    r = roofline.roofline(b, args.gpu, args.batch, tp=tp, arch=arch)
     print(roofline.format_roofline(r, roofline.load_result(Path(args.result)) if args.result else None))
     return 0
 
@@ -267,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--preset")
     s.add_argument("--gpu", default="h100")
     s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--tp", type=int, choices=(1, 2, 4, 8),
+                   help="tensor parallelism: bytes per GPU and all-reduce traffic (default: the checkpoint's, else 1)")
     s.add_argument("--result", help="a serve_c1.json to compare against")
     s.set_defaults(handler=_roofline)
     s = sub.add_parser("engine", help="the same workload on the CPU engine alone (no server)")

@@ -5,6 +5,7 @@ bound on tokens/s for a GPU's memory bandwidth."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 # Peak HBM/GDDR bandwidth, GB/s (vendor datasheets).
@@ -29,35 +30,48 @@ def bytes_from_shapes(arch: dict, group_size: int, weight_bits: int = 4, scale_b
 
 
 def bytes_from_checkpoint(ckpt: Path) -> dict[str, int]:
-    """The same, read off a TRT-LLM checkpoint's tensors (scales counted at fp16, as trtllm-build
-    stores them for the W4A16 GEMM)."""
+    """The same for the whole model, read off a TRT-LLM checkpoint's tensors, every rank's file
+    (scales counted at fp16, as trtllm-build stores them for the W4A16 GEMM)."""
     from safetensors import safe_open
 
     out = {"quantized_weights": 0, "scales": 0, "lm_head": 0}
-    with safe_open(Path(ckpt) / "rank0.safetensors", "np") as f:
-        for name in f.keys():
-            shape = f.get_slice(name).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            if name.endswith(".weight") and ".layers." in name and "layernorm" not in name:
-                out["quantized_weights"] += n  # int8 storage holds two int4 codes
-            elif name.endswith("weights_scaling_factor"):
-                out["scales"] += n * 2
-            elif name == "lm_head.weight":
-                out["lm_head"] += n * 2
+    for path in sorted(Path(ckpt).glob("rank*.safetensors")):
+        with safe_open(path, "np") as f:
+            for name in f.keys():
+                n = math.prod(f.get_slice(name).get_shape())
+                if name.endswith(".weight") and ".layers." in name and "layernorm" not in name:
+                    out["quantized_weights"] += n  # int8 storage holds two int4 codes
+                elif name.endswith("weights_scaling_factor"):
+                    out["scales"] += n * 2
+                elif name == "lm_head.weight":
+                    out["lm_head"] += n * 2
     return out
 
 
-def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1) -> dict:
+def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1, tp: int = 1, arch: dict | None = None) -> dict:
+    """The bound for one GPU of `tp`: tensor parallelism splits every weight (the linears, their
+    scales and the lm_head) evenly, so each GPU reads 1/tp of the bytes per step. In exchange every
+    decoder layer all-reduces its activations twice (after attention and after the MLP), and the
+    logits are gathered: with `arch`, the traffic per token each GPU sends (ring all-reduce:
+    2 (tp-1)/tp of the message) and the number of all-reduces per step, whose latency (some us each
+    over NVLink) rather than bandwidth is what they cost at batch 1."""
     gpu = gpu.lower()
     if gpu not in GPU_BANDWIDTH_GBS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sorted(GPU_BANDWIDTH_GBS))}")
+    if tp < 1:
+        raise ValueError("tp must be at least 1")
     total = sum(bytes_per_step.values())
-    steps_per_s = GPU_BANDWIDTH_GBS[gpu] * 1e9 / total
-    return {"gpu": gpu, "bandwidth_gbs": GPU_BANDWIDTH_GBS[gpu], "bytes_per_step": total,
-            "gb_per_step": total / 1e9, "breakdown_bytes": bytes_per_step, "batch": batch,
-            "max_tokens_per_s": steps_per_s * batch, "min_tpot_ms": 1000 / steps_per_s}
+    per_gpu = total / tp
+    steps_per_s = GPU_BANDWIDTH_GBS[gpu] * 1e9 / per_gpu
+    r = {"gpu": gpu, "bandwidth_gbs": GPU_BANDWIDTH_GBS[gpu], "tp": tp, "bytes_per_step": total,
+         "gb_per_step": total / 1e9, "gb_per_step_per_gpu": per_gpu / 1e9, "breakdown_bytes": bytes_per_step,
+         "batch": batch, "max_tokens_per_s": steps_per_s * batch, "min_tpot_ms": 1000 / steps_per_s}
+    if arch is not None and tp > 1:
+        activation = arch["hidden_size"] * 2  # fp16 per token
+        r["allreduces_per_step"] = 2 * arch["num_hidden_layers"]
+        r["allreduce_bytes_per_token_per_gpu"] = int(r["allreduces_per_step"] * 2 * (tp - 1) / tp * activation
+                                                     + (tp - 1) / tp * arch["vocab_size"] * 2)  # + logits gather
+    return r
 
 
 def preset_bytes(preset_name: str) -> dict[str, int]:
@@ -68,11 +82,15 @@ def preset_bytes(preset_name: str) -> dict[str, int]:
 
 
 def format_roofline(r: dict, measured: dict | None = None) -> str:
-    lines = [f"{r['gpu'].upper()} ({r['bandwidth_gbs']} GB/s): {r['gb_per_step']:.2f} GB per decode step "
+    per = f" ({r['gb_per_step_per_gpu']:.2f} GB per GPU of {r['tp']})" if r.get("tp", 1) > 1 else ""
+    lines = [f"{r['gpu'].upper()} ({r['bandwidth_gbs']} GB/s): {r['gb_per_step']:.2f} GB per decode step{per} "
              f"-> at most {r['max_tokens_per_s']:.0f} tok/s at batch {r['batch']} "
              f"(TPOT >= {r['min_tpot_ms']:.2f} ms)"]
     for k, v in r["breakdown_bytes"].items():
         lines.append(f"  {k:<18} {v / 1e9:8.3f} GB")
+    if "allreduces_per_step" in r:
+        lines.append(f"  all-reduce: {r['allreduces_per_step']} per step, "
+                     f"{r['allreduce_bytes_per_token_per_gpu'] / 1e3:.0f} kB sent per token per GPU")
     if measured:
         tpot = measured.get("median_tpot_ms")
         if tpot:

@@ -29,7 +29,7 @@ def _quantize(args) -> int:
 
     quantize.run(args.model, Path(args.output), preset=args.preset, group_size=args.group_size, algorithm=args.algorithm,
                  calib_dataset=args.calib_dataset, calib_text=args.calib_text, calib_size=args.calib_size,
-                 calib_seq_len=args.calib_seq_len, seed=args.seed)
+                 calib_seq_len=args.calib_seq_len, seed=args.seed, tp_size=args.tp_size)
     return 0
 
 
@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, help="number of calibration samples")
     s.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tp-size", type=int, default=1, choices=(1, 2, 4, 8),
+                   help="tensor parallelism: one rank file per GPU (default: 1)")
     s.set_defaults(handler=_quantize)
 
     s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint")

@@ -28,6 +28,7 @@ class QuantizeSettings:
     calib_size: int
     calib_seq_len: int
     seed: int
+    tp_size: int = 1  # tensor parallelism: ModelOpt's export writes one rank file per GPU
 
     def __post_init__(self):
         if self.group_size not in checkpoint.SUPPORTED_GROUP_SIZES:
@@ -35,6 +36,29 @@ class QuantizeSettings:
                             f"(use one of {checkpoint.SUPPORTED_GROUP_SIZES})")
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"unknown AWQ algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
+        if self.tp_size not in checkpoint.TP_SIZES:
+            raise UserError(f"tensor parallelism {self.tp_size} is not one of {checkpoint.TP_SIZES}")
+
+
+def check_tp(model_dir: Path, settings: QuantizeSettings) -> None:
+    """Refuse, before loading and calibrating the model, a TP size its shapes cannot be split into
+    (from its config.json, by the same rule the checkpoint validator applies)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if settings.tp_size == 1 or not path.is_file():
+        return
+    c = json.loads(path.read_text())
+    heads = c["num_attention_heads"]
+    shapes = checkpoint.Shapes(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                               kv_heads=c.get("num_key_value_heads") or heads,
+                               head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                               intermediate=c["intermediate_size"], vocab_padded=c["vocab_size"],
+                               group_size=settings.group_size)
+    problems = shapes.tp_problems(settings.tp_size)
+    if problems:
+        raise UserError(f"cannot split {model_dir.name} into {settings.tp_size} tensor-parallel ranks: "
+                        + "; ".join(problems))
 
 
 def default_settings(model: str, preset_name: str | None = None,
@@ -126,7 +150,7 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, batches: list[l
     return model
 
 
-def export(model, export_dir: Path) -> None:
+def export(model, export_dir: Path, tp_size: int = 1) -> None:
     """TensorRT-LLM checkpoint export. Mutates the model: deep-copy first to keep it."""
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
@@ -140,7 +164,7 @@ def export(model, export_dir: Path) -> None:
     if not getattr(cfg, "architectures", None):
         cfg.architectures = [type(model).__name__]
     export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.float16,
-                                   export_dir=str(export_dir), inference_tensor_parallel=1)
+                                   export_dir=str(export_dir), inference_tensor_parallel=tp_size)
 
 
 # Runs of spaces are left out: transformers 5 splits them unlike SentencePiece (which 4.57 matches),
@@ -184,6 +208,7 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
     # The calibration text first: an offline hub fails in seconds, not after downloading a 7B model.
     docs = calibration_text(settings)
     src = sources.resolve(model)
+    check_tp(src.path, settings)
     batches = calibration_batches(load_tokenizer(src.path), settings, docs)
     hf_model, tok = load_model(src.path)
     facts = model_facts(hf_model.config, tok)
@@ -195,7 +220,7 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
 
     output = Path(output)
     with manifest.staging(output) as tmp:
-        export(hf_model, tmp)
+        export(hf_model, tmp, settings.tp_size)
         checkpoint.validate(tmp, real_vocab=facts["vocab_size"])
         sources.copy_tokenizer(src.path, tmp / "tokenizer")
         check_tokenizer_copy(tmp / "tokenizer", tok)
@@ -205,10 +230,11 @@ def run(model: str, output: Path, progress_log=print, preset: str | None = None,
                     "files": manifest.file_hashes(src.path) if src.kind != "hub" else None},
             preset=preset.name if preset else None,
             quantization={"algorithm": settings.algorithm, "quant_algo": "W4A16_AWQ",
-                          "group_size": settings.group_size, "tool": "nvidia-modelopt"},
+                          "group_size": settings.group_size, "tool": "nvidia-modelopt",
+                          "tp_size": settings.tp_size},
             calibration={k: v for k, v in asdict(settings).items() if k.startswith("calib") or k == "seed"},
             model=facts,
             timing={"calibration_s": round(calib_s, 1), "total_s": round(time.perf_counter() - t0, 1)},
         )
-    progress_log(f"wrote {output} (W4A16_AWQ, group {settings.group_size}) in {time.perf_counter() - t0:.0f} s")
+    progress_log(f"wrote {output} (W4A16_AWQ, group {settings.group_size}, tp {settings.tp_size}) in {time.perf_counter() - t0:.0f} s")
     return output

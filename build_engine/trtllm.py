@@ -78,7 +78,10 @@ def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.Engin
     preset = presets.for_checkpoint(ck_manifest)
     image = preset.triton_image if preset else container.DEFAULT_IMAGE
     limits = limits or presets.limits_for(ck_manifest)
-    cmd = build_command(ckpt, output, limits)
+    # The world size is the checkpoint's (its mapping, from `quantize --tp-size`): trtllm-build takes no
+    # TP flag and builds one rank<r>.engine per rank, `--workers` of them at once (one per GPU).
+    world_size = checkpoint.read_config(ckpt)["mapping"]["world_size"]
+    cmd = build_command(ckpt, output, limits, workers=world_size)
     if dry_run:
         return cmd
     missing = missing_requirements()
@@ -94,16 +97,19 @@ def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.Engin
                         f"the tensorrtllm Triton backend need {container.SUPPORTED_TRTLLM}x ({image})")
     facts = ck_manifest["model"]
     with manifest.staging(output) as tmp:
-        code, tail = _run_logged(build_command(ckpt, tmp, limits))
+        code, tail = _run_logged(build_command(ckpt, tmp, limits, workers=world_size))
         if code:
             raise UserError(f"trtllm-build failed with exit code {code}; its last lines:\n" + "\n".join(tail))
+        missing = [f"rank{r}.engine" for r in range(world_size) if not (tmp / f"rank{r}.engine").is_file()]
+        if missing:
+            raise UserError(f"trtllm-build exited 0 but wrote no {', '.join(missing)} for world size {world_size}")
         shutil.copytree(ckpt / "tokenizer", tmp / "tokenizer")
         manifest.write(tmp, ENGINE_KIND,
                        checkpoint={"path": str(ckpt.resolve()), "files": ck_manifest["files"]},
                        preset=preset.name if preset else None, command=cmd, image=image,
                        # What the build really ran in: NVIDIA's containers set NVIDIA_TRITON_SERVER_VERSION.
                        container_release=os.environ.get("NVIDIA_TRITON_SERVER_VERSION"),
-                       tensorrt_llm=version, world_size=1,
+                       tensorrt_llm=version, world_size=world_size,
                        runtime={"kv_cache_free_gpu_mem_fraction": limits.kv_cache_free_gpu_mem_fraction},
                        model=facts, limits=vars(limits))
     return cmd

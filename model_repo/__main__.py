@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -73,21 +74,31 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     if not inside and shutil.which("docker") is None:
         raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                         f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
-    if not args.openai_port:
-        if inside:  # tritonserver replaces this process: SIGTERM (a pod stopping) reaches it and it drains
-            os.execvp(cmd[0], cmd)
-        return subprocess.call(cmd)
-    # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
     proc = subprocess.Popen(cmd)
-    frontend = start_frontend(_frontend_config(args, f"{args.host}:{ports.grpc}"), args.host, args.openai_port)
-    print(f"OpenAI http://{args.host}:{args.openai_port}/v1 (Ctrl-C stops)", flush=True)
+    with _forwarding_signals(proc):  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
+        if not args.openai_port:
+            return proc.wait()
+        # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
+        frontend = start_frontend(_frontend_config(args, f"{args.host}:{ports.grpc}"), args.host, args.openai_port)
+        print(f"OpenAI http://{args.host}:{args.openai_port}/v1 (Ctrl-C stops)", flush=True)
+        try:
+            return proc.wait()
+        finally:
+            frontend.should_exit = True
+
+
+@contextlib.contextmanager
+def _forwarding_signals(proc):
+    """Pass SIGINT and SIGTERM on to `proc` while it runs (in the main thread, where Python handles them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda sig, _: proc.send_signal(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return proc.wait()
+        yield
     finally:
-        frontend.should_exit = True
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def served_model_name(repo: Path) -> str:

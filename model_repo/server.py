@@ -217,12 +217,31 @@ class TritonServer:
         self.stop()
 
 
+def leader_mode(server_args: list[str], world_size: int, engine_model: str = "tensorrt_llm") -> list[str]:
+    """A tensor-parallel engine (world size > 1) as the TensorRT-LLM backend runs it in leader mode
+    (TensorRT-LLM 1.2 triton_backend/scripts/launch_triton_server.py, and the backend README's
+    "Leader Mode"): one tritonserver per GPU under one mpirun, MPI rank r on GPU r. Rank 0 loads the
+    whole repository and serves HTTP, gRPC and metrics; the other ranks load only the engine model and
+    never finish loading it (the backend holds them in its executor until the leader exits), so their
+    listeners never open and the same ports are safe. Each rank gets its own python backend shared-
+    memory prefix. Leader mode rather than the orchestrator mode: it is the backend's launch for one
+    model over several GPUs, needs no MPI_Comm_spawn, and works under Slurm and in one pod alike."""
+    cmd = ["mpirun", "--allow-run-as-root"]
+    for rank in range(world_size):
+        cmd += [":"] if rank else []
+        cmd += ["-n", "1", "tritonserver", *server_args]
+        if rank:
+            cmd += ["--model-control-mode=explicit", f"--load-model={engine_model}"]
+        cmd += ["--disable-auto-complete-config", f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+    return cmd
+
+
 def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_container: bool,
                 drain_timeout_s: int = DRAIN_TIMEOUT_S) -> list[str]:
-    """tritonserver with the TensorRT-LLM backend for a GPU repository. Inside the serving image it
-    runs directly; elsewhere through docker with the image, the repository and the engine mounted
-    read-only at the paths the configs name, and host networking so that the loopback binding
-    means the host's loopback."""
+    """tritonserver with the TensorRT-LLM backend for a GPU repository (under mpirun in leader mode
+    for a tensor-parallel engine). Inside the serving image it runs directly; elsewhere through docker
+    with the image, the repository and the engine mounted read-only at the paths the configs name,
+    and host networking so that the loopback binding means the host's loopback."""
     from build_engine import manifest
 
     repo = Path(repo).resolve()
@@ -230,10 +249,13 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
     if not (engine / "manifest.json").is_file():
         raise UserError(f"the engine {engine} that {repo} serves is not there: run serve where the repository "
                         "was generated (paths are recorded as they were), or regenerate it")
-    args = ["tritonserver", *tritonserver_args(repo, host, ports, drain_timeout_s)]
+    world_size = int(manifest.read(engine).get("world_size", 1))
+    server_args = tritonserver_args(repo, host, ports, drain_timeout_s)
+    args = leader_mode(server_args, world_size) if world_size > 1 else ["tritonserver", *server_args]
     if inside_container:
         return args
     mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]
+    # NCCL between the ranks of a tensor-parallel engine needs the host's IPC namespace, unlimited
+    # locked memory and a large stack (TensorRT-LLM's docker/Makefile runs its containers so).
     return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host", "--shm-size=2g",
-            *mounts, image, *args]
-
+            "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", *mounts, image, *args]

@@ -39,6 +39,15 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_tp2(tiny_model, tmp_path_factory) -> Path:
+    """tiny-hermes split over two tensor-parallel ranks by ModelOpt's export."""
+    from build_engine import quantize
+
+    return quantize.run("tiny-hermes", tmp_path_factory.mktemp("tiny-tp2") / "checkpoint", tp_size=2,
+                        progress_log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_ckpt) -> Path:
     from build_engine.cpu import graph
 

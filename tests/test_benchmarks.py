@@ -160,3 +160,19 @@ def test_exact_length_prompts_have_exactly_that_many_tokens(hermes_tokenizer):
 
     for p in exact_length_prompts(hermes_tokenizer, 5, 40, seed=0):
         assert len(hermes_tokenizer(format_chatml([Message("user", p)]))["input_ids"]) == 40
+
+
+def test_roofline_per_gpu_under_tensor_parallelism(tiny_ckpt, tiny_ckpt_tp2):
+    from build_engine import presets
+
+    assert roofline.bytes_from_checkpoint(tiny_ckpt_tp2) == roofline.bytes_from_checkpoint(tiny_ckpt)
+    arch = presets.load("nous-hermes-2-mistral-7b-dpo").architecture
+    b = roofline.preset_bytes("nous-hermes-2-mistral-7b-dpo")
+    one, two = roofline.roofline(b, "h100", arch=arch), roofline.roofline(b, "h100", tp=2, arch=arch)
+    assert two["gb_per_step_per_gpu"] == pytest.approx(one["gb_per_step"] / 2)
+    assert two["max_tokens_per_s"] == pytest.approx(2 * one["max_tokens_per_s"])
+    assert "allreduces_per_step" not in one
+    # 32 layers x 2 all-reduces of 4096 fp16 activations, a ring sending 2 (tp-1)/tp of each, plus
+    # half of the fp16 logits gathered.
+    assert two["allreduces_per_step"] == 64
+    assert two["allreduce_bytes_per_token_per_gpu"] == 64 * 4096 * 2 + arch["vocab_size"]

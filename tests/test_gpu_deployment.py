@@ -46,11 +46,19 @@ if os.environ.get("TRTLLM_BUILD_FAIL"):
     sys.exit(3)
 out = args["--output_dir"]
 os.makedirs(out, exist_ok=True)
-open(os.path.join(out, "config.json"), "w").write('{"build_config": {}}')
-open(os.path.join(out, "rank0.engine"), "wb").write(b"engine")
+import json
+mapping = json.load(open(os.path.join(args["--checkpoint_dir"], "config.json")))["mapping"]
+open(os.path.join(out, "config.json"), "w").write(json.dumps({"build_config": {}, "pretrained_config": {"mapping": mapping}}))
+for rank in range(min(mapping["world_size"], int(os.environ.get("TRTLLM_BUILD_RANKS", 8)))):
+    open(os.path.join(out, f"rank{rank}.engine"), "wb").write(b"engine")
 """)
-    _script(bin_dir / "tritonserver", """import json, os, sys, time
+    _script(bin_dir / "tritonserver", """import json, os, signal, sys, time
 open(os.environ["TRITONSERVER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
+def drain(sig, _):  # Triton drains on SIGTERM/SIGINT and exits 0
+    open(os.environ["TRITONSERVER_ARGV_FILE"] + ".signal", "w").write(signal.Signals(sig).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, drain)
+signal.signal(signal.SIGINT, drain)
 time.sleep(float(os.environ.get("TRITONSERVER_RUN_S", "0")))
 """)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -202,6 +210,85 @@ def test_gpu_serve_inside_the_container_runs_tritonserver_as_printed(gpu_repo, g
     assert printed[0] == "tritonserver" and json.loads(argv_file.read_text()) == printed[1:]
     assert "--grpc-address=10.0.0.5" in printed and "--grpc-port=9001" in printed
     assert "--metrics-address=10.0.0.5" in printed
+
+
+def test_gpu_serve_passes_sigterm_to_tritonserver_and_returns_its_exit_code(gpu_repo, gpu_tools, tmp_path):
+    """A pod stopping sends SIGTERM to `serve` (the container's main process): Triton must get it to
+    drain, rather than be killed when the grace period ends."""
+    import signal
+    import time
+
+    argv_file = tmp_path / "argv.json"
+    env = {**os.environ, "TRITONSERVER_ARGV_FILE": str(argv_file), "TRITONSERVER_RUN_S": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(gpu_repo)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not argv_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert (tmp_path / "argv.json.signal").read_text() == "SIGTERM"
+
+
+# -- tensor parallelism (world size > 1) ----------------------------------------------------------
+
+@pytest.fixture
+def gpu_engine_tp2(gpu_tools, tiny_ckpt_tp2, tmp_path):
+    trtllm.build(tiny_ckpt_tp2, tmp_path / "engine-gpu-tp2")
+    return tmp_path / "engine-gpu-tp2"
+
+
+def test_tp2_build_runs_a_worker_per_rank_and_records_the_world_size(gpu_engine_tp2):
+    m = manifest.read(gpu_engine_tp2, trtllm.ENGINE_KIND)
+    assert m["world_size"] == 2 and m["command"][m["command"].index("--workers") + 1] == "2"
+    assert sorted(p.name for p in gpu_engine_tp2.glob("rank*.engine")) == ["rank0.engine", "rank1.engine"]
+
+
+def test_a_build_that_misses_a_rank_engine_is_refused(gpu_tools, tiny_ckpt_tp2, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTLLM_BUILD_RANKS", "1")
+    with pytest.raises(UserError, match="wrote no rank1.engine for world size 2"):
+        trtllm.build(tiny_ckpt_tp2, tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_tp2_serve_launches_leader_mode_one_tritonserver_per_gpu(gpu_engine_tp2, tmp_path, capsys):
+    """TensorRT-LLM 1.2 triton_backend/scripts/launch_triton_server.py (leader mode): mpirun with one
+    `-n 1 tritonserver` block per rank; rank 0 loads the repository, the others only tensorrt_llm,
+    with the model-control mode that allows it; each rank its own python shm prefix; the same ports."""
+    from model_repo.__main__ import main
+    from model_repo.generate import generate
+
+    repo = generate(gpu_engine_tp2, tmp_path / "repo")
+    assert main(["serve", "--repo", str(repo), "--dry-run", "--host", "10.0.0.5"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[:2] == ["mpirun", "--allow-run-as-root"]
+    ranks = " ".join(argv[2:]).split(" : ")
+    assert len(ranks) == 2
+    blocks = [r.split() for r in ranks]
+    for rank, block in enumerate(blocks):
+        assert block[:3] == ["-n", "1", "tritonserver"]
+        assert f"--model-repository={repo.resolve()}" in block and "--grpc-address=10.0.0.5" in block
+        assert "--disable-auto-complete-config" in block
+        assert f"--backend-config=python,shm-region-prefix-name=prefix{rank}_" in block
+    assert not any(a.startswith(("--model-control-mode", "--load-model")) for a in blocks[0])
+    assert {"--model-control-mode=explicit", "--load-model=tensorrt_llm"} <= set(blocks[1])
+    ports = [sorted(a for a in b if a.endswith(tuple("0123456789")) and "-port=" in a) for b in blocks]
+    assert ports[0] == ports[1] and len(ports[0]) == 3
+
+
+def test_tp2_serve_outside_the_container_runs_mpirun_in_docker_with_nccls_limits(gpu_engine_tp2, tmp_path, capsys,
+                                                                                monkeypatch):
+    from model_repo.__main__ import main
+    from model_repo.generate import generate
+
+    repo = generate(gpu_engine_tp2, tmp_path / "repo")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert main(["serve", "--repo", str(repo), "--dry-run"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    image_at = argv.index(container.SERVING_IMAGE)
+    docker = argv[:image_at]
+    assert argv[image_at + 1] == "mpirun" and docker[docker.index("--ipc") + 1] == "host"
+    assert {"memlock=-1", "stack=67108864"} <= {docker[i + 1] for i, a in enumerate(docker) if a == "--ulimit"}
 
 
 # -- the container image -------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 KUBERNETES = "1.32.0"  # the kubectl on these machines (v1.32.4); GKE/EKS/AKS all serve 1.32
-OVERLAYS = {"h100-7b": "nous-hermes-2-mistral-7b-dpo", "cpu": "smollm2-135m-instruct"}
+OVERLAYS = {"h100-7b": "nous-hermes-2-mistral-7b-dpo", "h100-7b-tp2": "nous-hermes-2-mistral-7b-dpo",
+            "cpu": "smollm2-135m-instruct"}
 
 
 def render(overlay: str) -> dict[tuple[str, str], dict]:
