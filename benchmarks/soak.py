@@ -306,7 +306,8 @@ class Soak:
         return self.report(wall, ready, after, self.t.server.logs_since(log_mark))
 
     # -- report ---------------------------------------------------------------------------------
-    def report(self, wall: float, ready: bool, served_after: bool, log: list[str]) -> dict:
+    def report(self, wall: float, ready: bool, served_after: bool, log: list[str], stuck: int = 0) -> dict:
+        """`stuck`: requests still in flight when the run was cut off (counted as lost)."""
         freed = {m.group(1): int(m.group(2)) for line in log if (m := CANCELLED.search(line))}
         closed = [r for r in self.records if r.kind in ("early_close", "vanish") and r.request_id and r.outcome == "ok"]
         after = [freed[r.request_id] - r.tokens_received for r in closed if r.request_id in freed]
@@ -316,7 +317,8 @@ class Soak:
         rss = [s["rss_mib"] for s in self.samples]
         return {
             "config": asdict(self.cfg), "wall_s": round(wall, 1), "requests": len(self.records),
-            "completed": outcomes.get("ok", 0), "lost": outcomes.get("lost", 0), "garbled": outcomes.get("garbled", 0),
+            "completed": outcomes.get("ok", 0), "lost": outcomes.get("lost", 0) + stuck, "stuck": stuck,
+            "garbled": outcomes.get("garbled", 0),
             "failed": {k: v for k, v in outcomes.items() if k.startswith("error:")},
             "by_kind": by_kind, "by_transport": dict(collections.Counter(r.transport for r in self.records)),
             "failures": [asdict(r) for r in self.records if r.outcome != "ok"][:50],
@@ -384,7 +386,20 @@ def engine_active(server) -> float | None:
 
 
 def run(target: Target, cfg: SoakConfig) -> dict:
-    return asyncio.run(Soak(target, cfg).main(target.server.log_mark()))
+    """The soak, bounded: a request that hangs past its deadline in a way the deadline cannot cut
+    (a stuck cancellation) must not hang the harness too; the run then ends with what it has."""
+    soak, mark = Soak(target, cfg), target.server.log_mark()
+
+    async def bounded() -> dict:
+        try:
+            return await asyncio.wait_for(soak.main(mark), cfg.duration_s + 3 * cfg.deadline_s + 120)
+        except asyncio.TimeoutError:
+            result = soak.report(time.monotonic() - soak.t0, target.server.ready(), False,
+                                 target.server.logs_since(mark), stuck=soak.in_flight)
+            result["cut_off"] = True
+            return result
+
+    return asyncio.run(bounded())
 
 
 def write(result: dict, out: Path) -> Path:
@@ -424,7 +439,8 @@ def summary(r: dict) -> str:
     srv = r["server"]
     return "\n".join([
         f"{r['requests']} requests in {r['wall_s']} s at concurrency {r['config']['concurrency']}: "
-        f"{r['completed']} ok, {r['lost']} lost, {r['garbled']} garbled, failed {r['failed'] or 0}",
+        f"{r['completed']} ok, {r['lost']} lost, {r['garbled']} garbled, failed {r['failed'] or 0}"
+        + (f" (cut off with {r['stuck']} requests stuck)" if r.get("cut_off") else ""),
         "by kind: " + ", ".join(f"{k} {sum(v.values())}" for k, v in r["by_kind"].items()),
         f"tokens generated after a close (server side): median {c['median']}, p95 {c['p95']}, max {c['max']} "
         f"({c['observed']} of {c['closed_streams']} closed streams seen cancelled)",

@@ -9,10 +9,11 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from build_engine import UserError, cli, container
-from model_repo.server import DRAIN_TIMEOUT_S
+from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog
 
 EXAMPLES = """examples:
   python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
@@ -48,10 +49,19 @@ def _serve(args) -> int:
           f"metrics http://{args.host}:{args.metrics_port}/metrics"
           + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
           flush=True)
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    watchdog = StallWatchdog(f"http://{local}:{args.metrics_port}/metrics", args.stall_timeout)
+    next_check = time.monotonic() + 5
     try:
         while not stop.wait(0.5):
             if server.proc.poll() is not None:
                 raise UserError(f"tritonserver exited with code {server.proc.returncode}")
+            if args.stall_timeout and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 5
+                stalled = watchdog.poll()
+                if stalled:
+                    raise UserError(f"tritonserver stalled: {stalled} (Triton 2.51's python backend can deadlock "
+                                    "under load, RELIABILITY.md); stopped it so that a supervisor restarts it")
     finally:
         if frontend is not None:
             frontend.should_exit = True
@@ -186,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="do not forward the server log")
     s.add_argument("--drain-timeout", type=int, default=DRAIN_TIMEOUT_S,
                    help="on SIGTERM/Ctrl-C, seconds that requests in flight may take to finish (default: %(default)s)")
+    s.add_argument("--stall-timeout", type=float, default=60,
+                   help="CPU: stop and exit non-zero when a model holds pending requests and completes none for "
+                        "this many seconds (0: never; default: %(default)s)")
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
     s.add_argument("--image", default=container.SERVING_IMAGE,
                    help="GPU: the serving image (default: %(default)s, built by `make gpu-image`)")

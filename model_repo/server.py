@@ -217,6 +217,57 @@ class TritonServer:
         self.stop()
 
 
+class StallWatchdog:
+    """Triton 2.51's python backend can deadlock under heavy load (RELIABILITY.md): a model's requests
+    then wait for ever while Triton still reports ready. A model whose requests wait to be executed
+    (Triton's nv_inference_pending_request_count > 0) while it completes none
+    (nv_inference_request_success + _failure unchanged) for `stall_s` is stalled; `serve` then stops
+    the server and exits non-zero, so that its supervisor (Kubernetes, systemd) restarts it. Healthy
+    models here never hold pending requests for long: their execute() hands each request to a thread."""
+
+    def __init__(self, metrics_url: str, stall_s: float = 60.0):
+        self.metrics_url, self.stall_s = metrics_url, stall_s
+        self._last: dict[str, float] = {}   # model -> completed count when its pending wait began
+        self._since: dict[str, float] = {}  # model -> when it began
+
+    def sample(self) -> dict[str, tuple[float, float]]:
+        """{model: (pending, completed)} from Triton's metrics endpoint."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        pending: dict[str, float] = {}
+        done: dict[str, float] = collections.defaultdict(float)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                model = s.labels.get("model")
+                if s.name == "nv_inference_pending_request_count":
+                    pending[model] = s.value
+                elif s.name in ("nv_inference_request_success", "nv_inference_request_failure"):
+                    done[model] += s.value
+        return {m: (n, done[m]) for m, n in pending.items()}
+
+    def check(self, sample: dict[str, tuple[float, float]], now: float) -> str | None:
+        """A description of the first stalled model, or None."""
+        for model, (pending, completed) in sample.items():
+            if not pending or self._last.get(model) != completed:
+                self._since.pop(model, None)
+                self._last[model] = completed
+                if not pending:
+                    continue
+            since = self._since.setdefault(model, now)
+            if now - since >= self.stall_s:
+                return (f"model {model} has held {int(pending)} pending requests and completed none for "
+                        f"{now - since:.0f} s")
+        return None
+
+    def poll(self) -> str | None:
+        try:
+            return self.check(self.sample(), time.monotonic())
+        except OSError:  # the endpoint is busy or the server is stopping: no verdict this time
+            return None
+
+
 def leader_mode(server_args: list[str], world_size: int, engine_model: str = "tensorrt_llm") -> list[str]:
     """A tensor-parallel engine (world size > 1) as the TensorRT-LLM backend runs it in leader mode
     (TensorRT-LLM 1.2 triton_backend/scripts/launch_triton_server.py, and the backend README's

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from client import BadRequestError, Client, Message, OverloadedError, ServerError, UnavailableError
-from tests.triton_util import engine_metrics, http_post, ready, wait_engine_idle, wait_for
+from tests.triton_util import engine_metrics, http_post, inputs, ready, stream_call, wait_engine_idle, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STORY = [Message("user", "Tell me a very long story about dragons.")]
 
@@ -313,3 +315,65 @@ def test_prompts_and_outputs_stay_out_of_the_server_log(smol_server):
     log = "\n".join(smol_server.logs_since(mark))
     assert marker not in log and (not reply.text.strip() or reply.text.strip() not in log)
     assert json.dumps(marker) not in log
+
+
+# -- a stalled model: the watchdog of `serve` -------------------------------------------------------
+
+def test_stall_watchdog_flags_only_pending_requests_that_make_no_progress():
+    from model_repo.server import StallWatchdog
+
+    w = StallWatchdog("http://unused", stall_s=60)
+    assert w.check({"bls": (3, 10), "pre": (0, 5)}, now=0) is None
+    assert w.check({"bls": (3, 12), "pre": (0, 5)}, now=50) is None      # progress: the wait starts again
+    assert w.check({"bls": (3, 12), "pre": (0, 5)}, now=100) is None     # 50 s without progress
+    assert w.check({"bls": (0, 12), "pre": (0, 5)}, now=200) is None     # nothing pending: no stall
+    assert w.check({"bls": (2, 12), "pre": (0, 5)}, now=210) is None
+    assert w.check({"bls": (2, 12), "pre": (0, 5)}, now=270) == \
+        "model bls has held 2 pending requests and completed none for 60 s"
+
+
+STALLED_BLS = textwrap.dedent("""
+    # The BLS whose execute never returns: its requests pile up, as in Triton 2.51's python backend deadlock.
+    import time
+
+    from model_repo.triton_models import bls as base
+
+
+    class TritonPythonModel(base.TritonPythonModel):
+        def execute(self, requests):
+            time.sleep(3600)
+""")
+
+
+def test_serve_exits_non_zero_when_a_model_stalls(tiny_engine, tmp_path):
+    """`serve` on a deployment whose BLS hangs: readiness stays 200 (Triton cannot tell), so the
+    watchdog must end it with a clear error instead of serving a silent hang."""
+    from model_repo.generate import generate
+    from model_repo.server import free_port
+
+    repo = generate(tiny_engine, tmp_path / "repo")
+    (repo / "tensorrt_llm_bls" / "1" / "model.py").write_text(STALLED_BLS)
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo), "--quiet",
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                             "--stall-timeout", "10", "--drain-timeout", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _up(f"http://127.0.0.1:{http}"), 180, "the server to be ready")
+        for _ in range(3):  # the first blocks execute(); the others wait behind it
+            threading.Thread(target=stream_call, args=(f"127.0.0.1:{grpc}", "tensorrt_llm_bls",
+                                                       inputs("Hi", 4, True), 300), daemon=True).start()
+        assert proc.wait(120) == 1
+        err = proc.stderr.read()
+        assert "tritonserver stalled: model tensorrt_llm_bls has held" in err and "\n" not in err.strip(), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", f"{repo}/"], check=False)  # the hung stub, if Triton left it
+
+
+def _up(url: str) -> bool:
+    try:
+        return ready(url)
+    except OSError:
+        return False
