@@ -150,5 +150,7 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                                                           "files": m["files"]},
                        target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances,
                                                                      "max_queue_size": queue},
+                       # GPUs the engine spans: `serve` launches one tritonserver per GPU (leader mode) above 1.
+                       world_size=m.get("world_size", 1),
                        model=m["model"], limits=m["limits"])
     return output

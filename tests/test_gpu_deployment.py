@@ -259,6 +259,7 @@ def test_tp2_serve_launches_leader_mode_one_tritonserver_per_gpu(gpu_engine_tp2,
     from model_repo.generate import generate
 
     repo = generate(gpu_engine_tp2, tmp_path / "repo")
+    assert manifest.read(repo, "triton-repository")["world_size"] == 2
     assert main(["serve", "--repo", str(repo), "--dry-run", "--host", "10.0.0.5"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[:2] == ["mpirun", "--allow-run-as-root"]
