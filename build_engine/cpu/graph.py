@@ -101,34 +101,91 @@ def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str,
     )[0]
 
 
-def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int | None, context_length: int,
-                accuracy_level: int, lm_head: str = "fp32"):
-    """The decoder as an onnx.ModelProto (weights inline; saved with external data)."""
-    from onnx import TensorProto, helper
-    from tqdm.auto import tqdm
+def _mask_inputs(g: _Graph) -> tuple[str, str]:
+    """GroupQueryAttention wants seqlens_k = (tokens so far) - 1 and the total length, both int32,
+    derived once from attention_mask for every layer."""
+    from onnx import TensorProto
 
-    s, cfg = ck.shapes, ck.config
-    eps = float(cfg["norm_epsilon"])
-    g = _Graph()
-    B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, 1, real_vocab])]
-
-    # GroupQueryAttention wants seqlens_k = (tokens so far) - 1 and the total length, both int32.
     one = g.init("const.one", np.array([1], dtype=np.int64))
     total = g.node("ReduceSum", ["attention_mask", one], "mask/sum", keepdims=0)[0]
     seqlens_k = g.node("Cast", [g.node("Sub", [total, one], "mask/sub")[0]], "mask/seqlens_k", to=TensorProto.INT32)[0]
     shape = g.node("Shape", ["attention_mask"], "mask/shape")[0]
     total_len = g.node("Cast", [g.node("Gather", [shape, g.init("const.idx1", np.array(1, dtype=np.int64))],
                                        "mask/total", axis=0)[0]], "mask/total_len", to=TensorProto.INT32)[0]
+    return seqlens_k, total_len
+
+
+def _attention(g: _Graph, ck: checkpoint.Checkpoint, i: int, h: str, pre: dict, rope: tuple[str, str],
+               mask: tuple[str, str], window: int, accuracy_level: int) -> tuple[str, list, list]:
+    """Fused qkv -> GroupQueryAttention (rotary inside, past/present KV as graph inputs/outputs) ->
+    dense. Returns the attention output and the layer's KV value infos (inputs, outputs)."""
+    from onnx import TensorProto, helper
+
+    s = ck.shapes
+    B, T, P = "batch_size", "total_sequence_length", "past_sequence_length"
+    qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level, None)  # its pre-quant factor is in the norm
+    kv_in = [helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                           [B, s.kv_heads, P, s.head_dim]) for kind in ("key", "value")]
+    kv_out = [helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                            [B, s.kv_heads, T, s.head_dim]) for kind in ("key", "value")]
+    attn, present_k, present_v = g.node(
+        "GroupQueryAttention",
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", *mask, *rope],
+        f"layers.{i}/attention", n_out=3, domain="com.microsoft",
+        num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim) ** -0.5,
+        local_window_size=window, do_rotary=1, rotary_interleaved=0)
+    g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"layers.{i}/pk"))
+    g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"layers.{i}/pv"))
+    out = _linear(g, ck, i, "attention.dense", attn, accuracy_level, pre["attention.dense"])
+    return out, kv_in, kv_out
+
+
+def _mlp(g: _Graph, ck: checkpoint.Checkpoint, i: int, h: str, pre: dict, fold_fc: bool, accuracy_level: int) -> str:
+    """SwiGLU: proj(silu(fc(h)) * gate(h)), with proj's pre-quant factor folded into gate's rows and,
+    when `fold_fc`, fc's into the norm before (gate keeps the ratio)."""
+    fc = _linear(g, ck, i, "mlp.fc", h, accuracy_level, None if fold_fc else pre["mlp.fc"])  # HF gate_proj
+    up = _linear(g, ck, i, "mlp.gate", h, accuracy_level, pre["mlp.gate"] / pre["mlp.fc"] if fold_fc
+                 else pre["mlp.gate"], output_factor=pre["mlp.proj"])  # HF up_proj
+    act = g.node("Mul", [fc, g.node("Sigmoid", [fc], f"layers.{i}/sigmoid")[0]], f"layers.{i}/silu")[0]
+    return _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level, None)
+
+
+def _lm_head(g: _Graph, ck: checkpoint.Checkpoint, last: str, real_vocab: int, lm_head: str, accuracy_level: int):
+    from onnx import helper
+
+    head = ck.tensor("lm_head.weight")[:real_vocab]  # [V, H]
+    if lm_head == "fp32":  # exact: dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact
+        g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", head.T.copy())], ["logits"], name="lm_head"))
+    else:  # the fast option: int8 per row and block of 32, a quarter of the bytes per token
+        codes, scales = quantize_lm_head_int8(head)
+        g.nodes.append(helper.make_node(
+            "MatMulNBits", [last, g.init("lm_head.qweight", codes), g.init("lm_head.scales", scales)], ["logits"],
+            name="lm_head", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=8,
+            block_size=LM_HEAD_BLOCK, accuracy_level=accuracy_level))
+
+
+def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int | None, context_length: int,
+                accuracy_level: int, lm_head: str = "fp32"):
+    """The decoder as an onnx.ModelProto (weights inline; saved with external data): embedding, the
+    decoder layers (norm, attention, norm, MLP, residuals fused into the norms), the final norm and
+    the lm_head on the last position only (the next token is all the runtime samples)."""
+    from onnx import TensorProto, helper
+    from tqdm.auto import tqdm
+
+    s, cfg = ck.shapes, ck.config
+    eps = float(cfg["norm_epsilon"])
+    g = _Graph()
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, real_vocab])]
+    mask = _mask_inputs(g)
     cos, sin = rotary_cache(context_length, s.head_dim, float(cfg["rotary_base"]))
-    cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
+    rope = (g.init("cos_cache", cos), g.init("sin_cache", sin))
+    window = int(sliding_window) if sliding_window else -1
 
     x = g.node("Gather", [g.init("vocab_embedding", ck.tensor("transformer.vocab_embedding.weight")), "input_ids"],
                "embed")[0]
     residual = None
-    window = int(sliding_window) if sliding_window else -1
     for i in tqdm(range(s.layers), desc="writing CPU engine layers", unit="layer", disable=quiet_progress()):
         # AWQ pre-quant factors are folded where the algebra allows (x * p enters a linear map):
         # qkv's into the first norm's weight, fc's into the second norm's (gate keeps the ratio),
@@ -144,45 +201,19 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
             outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln1], f"layers.{i}/ln1", n_out=4,
                           domain="com.microsoft", epsilon=eps)
             h, residual = outs[0], outs[3]
-        qkv = _linear(g, ck, i, "attention.qkv", h, accuracy_level, None)
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                                        [B, s.kv_heads, P, s.head_dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                                         [B, s.kv_heads, T, s.head_dim]))
-        attn, present_k, present_v = g.node(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-             cos_name, sin_name],
-            f"layers.{i}/attention", n_out=3, domain="com.microsoft",
-            num_heads=s.heads, kv_num_heads=s.kv_heads, scale=float(s.head_dim) ** -0.5,
-            local_window_size=window, do_rotary=1, rotary_interleaved=0)
-        g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"layers.{i}/pk"))
-        g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"layers.{i}/pv"))
-        x = _linear(g, ck, i, "attention.dense", attn, accuracy_level, pre["attention.dense"])
+        x, kv_in, kv_out = _attention(g, ck, i, h, pre, rope, mask, window, accuracy_level)
+        inputs += kv_in
+        outputs += kv_out
         ln2 = g.init(f"layers.{i}.post_layernorm",
                      ck.norm(i, "post_layernorm") * (pre["mlp.fc"] if fold_fc else 1))
         outs = g.node("SkipSimplifiedLayerNormalization", [residual, x, ln2], f"layers.{i}/ln2", n_out=4,
                       domain="com.microsoft", epsilon=eps)
         h, residual = outs[0], outs[3]
-        fc = _linear(g, ck, i, "mlp.fc", h, accuracy_level, None if fold_fc else pre["mlp.fc"])  # HF gate_proj
-        up = _linear(g, ck, i, "mlp.gate", h, accuracy_level, pre["mlp.gate"] / pre["mlp.fc"] if fold_fc
-                     else pre["mlp.gate"], output_factor=pre["mlp.proj"])  # HF up_proj
-        act = g.node("Mul", [fc, g.node("Sigmoid", [fc], f"layers.{i}/sigmoid")[0]], f"layers.{i}/silu")[0]
-        x = _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level, None)
+        x = _mlp(g, ck, i, h, pre, fold_fc, accuracy_level)
     final = g.node("SkipSimplifiedLayerNormalization", [residual, x, g.init("ln_f", ck.tensor("transformer.ln_f.weight"))],
                    "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
-    # Only the last position's logits are computed: the next token is all the runtime samples.
     last = g.node("Gather", [final, g.init("const.last", np.array([-1], dtype=np.int64))], "last_token", axis=1)[0]
-    head = ck.tensor("lm_head.weight")[:real_vocab]  # [V, H]
-    if lm_head == "fp32":  # exact: dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact
-        g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", head.T.copy())], ["logits"], name="lm_head"))
-    else:  # the fast option: int8 per row and block of 32, a quarter of the bytes per token
-        codes, scales = quantize_lm_head_int8(head)
-        g.nodes.append(helper.make_node(
-            "MatMulNBits", [last, g.init("lm_head.qweight", codes), g.init("lm_head.scales", scales)], ["logits"],
-            name="lm_head", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=8,
-            block_size=LM_HEAD_BLOCK, accuracy_level=accuracy_level))
+    _lm_head(g, ck, last, real_vocab, lm_head, accuracy_level)
 
     graph = helper.make_graph(g.nodes, "hermes_trtllm_cpu_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
