@@ -142,13 +142,39 @@ def _engine_settings(engine_dir: Path, ckpt: Path, ck_m: dict) -> dict:
     return {"accuracy_level": eng_m["settings"]["accuracy_level"], "lm_head": eng_m["settings"].get("lm_head", "fp32")}
 
 
+def _quantized_vs_original(original_path: Path, ref, windows: list[list[int]], group_size: int,
+                           vocab: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """Perplexity of the original model, the AWQ checkpoint (its reference) and a round-to-nearest
+    quantization of the same group size, and how often each quantized model's top-1 agrees with the
+    original's: (perplexities, agreement rates, tokens scored)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    orig = AutoModelForCausalLM.from_pretrained(original_path, dtype=torch.float32).eval()
+    rtn = copy.deepcopy(orig)
+    rtn_quantize_(rtn, group_size)
+    nll = {"original": 0.0, "awq": 0.0, "rtn": 0.0}
+    agree = {"awq": 0, "rtn": 0}
+    n_tok = 0
+    with torch.no_grad():
+        for ids in windows:
+            t = torch.tensor([ids])
+            outs = {"original": orig(t).logits[0, :, :vocab].numpy(), "awq": ref.logits(ids),
+                    "rtn": rtn(t).logits[0, :, :vocab].numpy()}
+            arg = {}
+            for k, lg in outs.items():
+                s, arg[k] = _nll_and_argmax(lg, ids)
+                nll[k] += s
+            for k in agree:
+                agree[k] += int((arg[k] == arg["original"]).sum())
+            n_tok += len(ids) - 1
+    return ({k: math.exp(v / n_tok) for k, v in nll.items()}, {k: v / n_tok for k, v in agree.items()}, n_tok)
+
+
 def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
         settings: VerifySettings = VerifySettings(), compare: tuple[Path, ...] = ()) -> dict:
     """The report for `engine_dir`; every engine in `compare` (e.g. the fast lm_head) gets the
     engine-vs-reference figures and its own perplexity beside it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from build_engine.reference import Reference
     from build_engine.tokenization import load_tokenizer
 
@@ -172,26 +198,8 @@ def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
     main_engine = engines[str(engine_dir)]
 
     # (b) quantized vs original, on held-out text
-    orig = AutoModelForCausalLM.from_pretrained(original_path, dtype=torch.float32).eval()
-    rtn = copy.deepcopy(orig)
-    rtn_quantize_(rtn, ck_m["quantization"]["group_size"])
-    nll = {"original": 0.0, "awq": 0.0, "rtn": 0.0}
-    agree = {"awq": 0, "rtn": 0}
-    n_tok = 0
-    V = facts["vocab_size"]
-    with torch.no_grad():
-        for ids in windows:
-            t = torch.tensor([ids])
-            lo = orig(t).logits[0, :, :V].numpy()
-            outs = {"original": lo, "awq": ref.logits(ids), "rtn": rtn(t).logits[0, :, :V].numpy()}
-            arg = {}
-            for k, lg in outs.items():
-                s, arg[k] = _nll_and_argmax(lg, ids)
-                nll[k] += s
-            agree["awq"] += int((arg["awq"] == arg["original"]).sum())
-            agree["rtn"] += int((arg["rtn"] == arg["original"]).sum())
-            n_tok += len(ids) - 1
-    ppl = {k: math.exp(v / n_tok) for k, v in nll.items()}
+    ppl, agree, n_tok = _quantized_vs_original(original_path, ref, windows, ck_m["quantization"]["group_size"],
+                                               facts["vocab_size"])
 
     result = {
         "checkpoint": str(ckpt), "engine": str(engine_dir), "original": str(original_path),
@@ -200,7 +208,7 @@ def run(ckpt: Path, engine_dir: Path, report: Path, original: str | None = None,
         "engines": {d: {k: v for k, v in e.items() if k != "prompts"} for d, e in engines.items()},
         "perplexity": {**ppl, "awq_over_original": ppl["awq"] / ppl["original"],
                        "rtn_over_original": ppl["rtn"] / ppl["original"]},
-        "top1_agreement": {k: v / n_tok for k, v in agree.items()},
+        "top1_agreement": agree,
         "settings": {"accuracy_level": main_engine["accuracy_level"], "lm_head": main_engine["lm_head"],
                      "group_size": ck_m["quantization"]["group_size"],
                      "heldout_text": "pydoc_data.topics, odd-indexed topics (calibration uses even-indexed)",
