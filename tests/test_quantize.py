@@ -125,7 +125,7 @@ def test_manifest_records_inputs_settings_versions_and_hashes(tiny_ckpt):
     assert m["source"]["model"] == "tiny-hermes" and m["source"]["files"]["config.json"]["sha256"]
     assert m["preset"] == "tiny-hermes"
     assert m["quantization"] == {"algorithm": "awq_lite", "quant_algo": "W4A16_AWQ", "group_size": 128,
-                                 "tool": "nvidia-modelopt"}
+                                 "tool": "nvidia-modelopt", "tp_size": 1}
     assert m["calibration"]["calib_dataset"] == "pydoc"
     assert m["model"]["end_id"] == 32000 and m["model"]["sliding_window"] == 64
     import importlib.metadata
