@@ -84,3 +84,20 @@ def test_7b_shapes_split_up_to_eight_gpus():
     assert s.linear_shapes(2)["attention.qkv"] == ((32 + 16) * 128 // 2, 4096)
     assert s.linear_shapes(8)["mlp.proj"] == (4096, 14336 // 8)
     assert s.tp_problems(3) == [f"tensor parallelism 3 is not one of {checkpoint.TP_SIZES}"]
+
+
+def test_the_validator_refuses_a_mapping_that_breaks_group_alignment(tiny_ckpt_tp2, tmp_path):
+    """A checkpoint that claims four ranks for tiny-hermes (hidden 256, group 128): half a group per
+    rank in every linear's input, named before any tensor is read."""
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt_tp2, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["mapping"] = {"world_size": 4, "tp_size": 4, "pp_size": 1}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"attention.qkv: in_features 256 / tp 4 = 64 is not a multiple of the group "
+                                        r"size 128 \(quantize with --group-size 64, or use a smaller tp\)"):
+        checkpoint.validate(bad)
+    cfg["mapping"] = {"world_size": 2, "tp_size": 2, "pp_size": 2}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="is not world_size = tp_size with pp_size 1"):
+        checkpoint.validate(bad)
