@@ -222,8 +222,15 @@ def _soak(args) -> int:
         raise UserError("the soak compares replies with solo runs, which needs a batch-invariant engine: build the "
                         "CPU engine with --accuracy-level 1 and generate its repository")
     transports = tuple(args.transports.split(","))
+    mix = dict(soak.DEFAULT_MIX)
+    if args.mix:
+        pairs = [item.partition("=") for item in args.mix.split(",")]
+        unknown = sorted({k for k, _, _ in pairs} - set(soak.DEFAULT_MIX))
+        if unknown:
+            raise UserError(f"--mix: unknown kind {unknown[0]!r}; kinds: {', '.join(soak.DEFAULT_MIX)}")
+        mix = {k: float(v) for k, _, v in pairs}
     cfg = soak.SoakConfig(concurrency=args.concurrency, duration_s=args.duration, transports=transports,
-                          vanish_every_s=args.vanish_every, seed=args.seed)
+                          mix=mix, vanish_every_s=args.vanish_every, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     with TritonServer(repo, log_file=out / "server.log") as server:
         frontend, target = None, soak.Target(server)
@@ -244,6 +251,7 @@ def _soak(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from benchmarks import soak  # standard library only at import: the default mix for --help
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(title="commands")
     s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming")
@@ -315,7 +323,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, default=1800.0, help="seconds of load (default: %(default)s)")
     s.add_argument("--concurrency", type=int, default=16)
     s.add_argument("--transports", default="grpc,http,openai")
-    s.add_argument("--vanish-every", type=float, default=10.0, help="seconds between killed client processes")
+    s.add_argument("--vanish-every", type=float, default=10.0,
+                   help="seconds between killed client processes (0: none)")
+    s.add_argument("--mix", help="request kinds and their weights, e.g. greedy=0.85,invalid=0.15 (default: "
+                                 + ",".join(f"{k}={v}" for k, v in soak.DEFAULT_MIX.items()) + ")")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/soak")
     s.set_defaults(handler=_soak)
