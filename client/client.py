@@ -29,7 +29,7 @@ import numpy as np
 
 from client.balancing import channel_args, endpoints, grpc_target
 from client.chatml import format_chatml
-from client.errors import ClientError, DeadlineExceededError, UnavailableError, error_from_grpc
+from client.errors import ClientError, DeadlineExceededError, ServerError, UnavailableError, error_from_grpc
 from client.types import Chunk, Completion, Message, SamplingParams
 
 DEFAULT_MODEL = "tensorrt_llm_bls"
@@ -230,8 +230,8 @@ class Stream:
                 print(chunk.text, end="")
     """
 
-    def __init__(self, open_source, retries: int = 0, backoff_s: float = 0.2):
-        self._open, self._retries, self._backoff_s = open_source, retries, backoff_s
+    def __init__(self, open_source, retries: int = 0, backoff_s: float = 0.2, retry_on=(UnavailableError,)):
+        self._open, self._retries, self._backoff_s, self._retry_on = open_source, retries, backoff_s, retry_on
         self._source = None
         self._closed = False
 
@@ -253,7 +253,7 @@ class Stream:
                     if final:
                         return
                 return
-            except UnavailableError:
+            except self._retry_on:
                 self._cancel_source()
                 if delivered or attempt == self._retries:
                     raise
@@ -339,7 +339,7 @@ class Client:
         fields = request_fields(prompt, _params(params, overrides))
         source = _HttpSource if self.protocol == "http" else _GrpcSource
         rid = request_id or self._request_id()
-        return Stream(lambda: source(self, fields, rid), self.retries, self.backoff_s)
+        return Stream(lambda: source(self, fields, rid), self.retries, self.backoff_s, _retry_on(self.url))
 
     def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
         acc = _Collector()
@@ -386,7 +386,9 @@ class AsyncClient:
 
         self.model, self.timeout_s, self.headers = model, timeout_s, dict(headers or {})
         self.retries, self.backoff_s = retries, backoff_s
-        self._g = ga.InferenceServerClient(grpc_target(url), ssl=ssl, root_certificates=root_certificates,
+        target = grpc_target(url)
+        self._retry_on = _retry_on(target)
+        self._g = ga.InferenceServerClient(target, ssl=ssl, root_certificates=root_certificates,
                                            channel_args=channel_args())
         self._ids = itertools.count()
 
@@ -420,14 +422,13 @@ class AsyncClient:
                     if final:
                         return
                 return
-            except UnavailableError:
-                if delivered or attempt == self.retries:
-                    raise
-                await asyncio.sleep(self.backoff_s * 2**attempt)
             except Exception as e:
-                if isinstance(e, ClientError):
-                    raise
-                raise error_from_grpc(_status_of(e), str(e)) from e
+                err = e if isinstance(e, ClientError) else error_from_grpc(_status_of(e), str(e))
+                if not isinstance(err, self._retry_on) or delivered or attempt == self.retries:
+                    if err is e:
+                        raise
+                    raise err from e
+                await asyncio.sleep(self.backoff_s * 2**attempt)
             finally:
                 # Cancel only a request that has not ended (see Stream._finish_source): once the request
                 # stream is exhausted the call half-closes and Triton ends it after the final response.
@@ -454,6 +455,14 @@ class AsyncClient:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def _retry_on(target: str) -> tuple[type[ClientError], ...]:
+    """What is retried before the first chunk: UNAVAILABLE always; with several replicas (a list or a
+    dns:/// target) a server error too, on the next replica: a replica killed at the moment a call
+    reaches it can fail the call with INTERNAL rather than UNAVAILABLE, and nothing has been generated."""
+    several = target.startswith(("ipv4:", "ipv6:", "dns:"))
+    return (UnavailableError, ServerError) if several else (UnavailableError,)
 
 
 def _status_of(e: Exception) -> str | None:
