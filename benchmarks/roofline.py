@@ -74,6 +74,18 @@ def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1, tp: int =
     return r
 
 
+def inputs(checkpoint: Path | None = None, preset: str | None = None, tp: int | None = None) -> tuple[dict, int, dict]:
+    """(bytes per step, tensor parallelism, architecture) from a checkpoint (its own mapping unless `tp` is
+    given) or from a preset's shapes (tp 1 unless given)."""
+    from build_engine import checkpoint as ckpt, presets  # noqa: PLC0415 (build extra)
+
+    if checkpoint is not None:
+        cfg = ckpt.read_config(Path(checkpoint))
+        arch = {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+        return bytes_from_checkpoint(Path(checkpoint)), tp or cfg["mapping"]["tp_size"], arch
+    return preset_bytes(preset), tp or 1, presets.load(preset).architecture
+
+
 def preset_bytes(preset_name: str) -> dict[str, int]:
     from build_engine import presets  # noqa: PLC0415 (build extra; roofline of a preset needs its shapes)
 

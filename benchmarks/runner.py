@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.metrics import Recorder, RequestOutput, calculate_metrics
@@ -15,22 +15,38 @@ from client import AsyncClient, Chunk, Client, Message
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    url: str
-    model: str = "tensorrt_llm_bls"  # or "ensemble"
-    protocol: str = "grpc"  # or "http" (generate_stream, SSE), or "openai" (any OpenAI-compatible server)
+class Workload:
+    """What is sent: the prompts, the output length, the arrival process. Independent of where it goes."""
     num_prompts: int = 16
     input_words: int = 32
     output_len: int = 64
-    concurrency: int = 1
-    request_rate: float | None = None  # requests/s; None = all at once (capped by concurrency)
+    request_rate: float | None = None  # requests/s; None = all at once (capped by the concurrency)
     burstiness: float = 1.0  # gamma shape of inter-arrival times; 1 = Poisson
     dataset: str | None = None  # ShareGPT-format JSON: prompts from each conversation's first human turn
     input_len: int | None = None  # exact prompt length in tokens (ChatML included); needs tokenizer
     tokenizer: str | None = None  # the served model's tokenizer folder
     warmup: int = 1
     seed: int = 0
-    api_key: str | None = None  # openai: the server's key, if it wants one
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where it goes: a served deployment. (The engine alone is benchmarks.engine.EngineRunner.)"""
+    url: str
+    model: str = "tensorrt_llm_bls"  # or "ensemble"; with protocol openai, the served model id
+    protocol: str = "grpc"  # or "http" (generate_stream, SSE), or "openai" (any OpenAI-compatible server)
+    api_key: str | None = field(default=None, repr=False)  # openai: the server's key, if it wants one
+
+    def describe(self) -> dict:
+        """For results files: never the key."""
+        return {"url": self.url, "model": self.model, "protocol": self.protocol}
+
+
+def result(target: dict, workload: Workload, concurrency: int, outputs: list[RequestOutput], duration: float,
+           slo_ms: dict | None = None, **extra) -> dict:
+    """One run's results record, the same for a served target and the engine alone."""
+    return {"target": target, "workload": asdict(workload), "concurrency": concurrency, **extra,
+            "metrics": calculate_metrics(outputs, duration, slo_ms), "requests": [asdict(o) for o in outputs]}
 
 
 def sharegpt_prompts(path: str, n: int, seed: int) -> list[str]:
@@ -98,10 +114,10 @@ def one_request_sync(client: Client, prompt: str, output_len: int, clock=time.pe
     return record_sync(client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len), clock)
 
 
-def _gaps(cfg: RunConfig, rng: random.Random):
+def _gaps(w: Workload, rng: random.Random):
     """Inter-arrival times: gamma(shape=burstiness, mean=1/rate); burstiness 1 is a Poisson process."""
     while True:
-        yield rng.gammavariate(cfg.burstiness, 1.0 / (cfg.request_rate * cfg.burstiness)) if cfg.request_rate else 0.0
+        yield rng.gammavariate(w.burstiness, 1.0 / (w.request_rate * w.burstiness)) if w.request_rate else 0.0
 
 
 def exact_length_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[str]:
@@ -126,40 +142,39 @@ def exact_length_prompts(tokenizer, n: int, input_len: int, seed: int) -> list[s
     return out
 
 
-def prompts_for(cfg: RunConfig) -> list[str]:
-    if cfg.dataset:
-        return sharegpt_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
-    if cfg.input_len:
-        if not cfg.tokenizer:
+def prompts_for(w: Workload) -> list[str]:
+    if w.dataset:
+        return sharegpt_prompts(w.dataset, w.num_prompts, w.seed)
+    if w.input_len:
+        if not w.tokenizer:
             raise ValueError("--input-len needs --tokenizer (the served model's tokenizer folder)")
         try:
             from transformers import AutoTokenizer  # not in [bench]: the [build] extra has it
         except ImportError:
             raise ValueError("--input-len needs transformers: pip install 'hermes-trtllm[build]'") from None
 
-        return exact_length_prompts(AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.num_prompts, cfg.input_len,
-                                    cfg.seed)
-    return synthetic_prompts(cfg.num_prompts, cfg.input_words, cfg.seed)
+        return exact_length_prompts(AutoTokenizer.from_pretrained(w.tokenizer), w.num_prompts, w.input_len, w.seed)
+    return synthetic_prompts(w.num_prompts, w.input_words, w.seed)
 
 
-async def run(cfg: RunConfig) -> tuple[list[RequestOutput], float]:
-    prompts = prompts_for(cfg)
-    gaps = _gaps(cfg, random.Random(cfg.seed))
-    sem = asyncio.Semaphore(cfg.concurrency)
-    if cfg.protocol == "http":
-        sync = Client(cfg.url, model=cfg.model, protocol="http")
-        call = lambda p: asyncio.to_thread(one_request_sync, sync, p, cfg.output_len)  # noqa: E731
+async def run(target: Target, w: Workload, concurrency: int) -> tuple[list[RequestOutput], float]:
+    prompts = prompts_for(w)
+    gaps = _gaps(w, random.Random(w.seed))
+    sem = asyncio.Semaphore(concurrency)
+    if target.protocol == "http":
+        sync = Client(target.url, model=target.model, protocol="http")
+        call = lambda p: asyncio.to_thread(one_request_sync, sync, p, w.output_len)  # noqa: E731
         client = None
-    elif cfg.protocol == "openai":
+    elif target.protocol == "openai":
         import openai
 
-        client = openai.AsyncOpenAI(base_url=cfg.url, api_key=cfg.api_key or "unused", max_retries=0)
-        call = lambda p: record(openai_chunks(client, cfg.model, p, cfg.output_len))  # noqa: E731
+        client = openai.AsyncOpenAI(base_url=target.url, api_key=target.api_key or "unused", max_retries=0)
+        call = lambda p: record(openai_chunks(client, target.model, p, w.output_len))  # noqa: E731
     else:
-        client = AsyncClient(cfg.url, model=cfg.model)
-        call = lambda p: one_request(client, p, cfg.output_len)  # noqa: E731
+        client = AsyncClient(target.url, model=target.model)
+        call = lambda p: one_request(client, p, w.output_len)  # noqa: E731
     try:
-        for p in prompts[: cfg.warmup]:
+        for p in prompts[: w.warmup]:
             await call(p)
 
         async def limited(p):
@@ -178,11 +193,5 @@ async def run(cfg: RunConfig) -> tuple[list[RequestOutput], float]:
             await client.close()
 
 
-def run_sweep(base: RunConfig, concurrencies: list[int], slo_ms: dict | None = None) -> list[dict]:
-    results = []
-    for c in concurrencies:
-        cfg = RunConfig(**{**asdict(base), "concurrency": c})
-        outputs, duration = asyncio.run(run(cfg))
-        results.append({"config": asdict(cfg), "metrics": calculate_metrics(outputs, duration, slo_ms),
-                        "requests": [asdict(o) for o in outputs]})
-    return results
+def run_sweep(target: Target, w: Workload, concurrencies: list[int], slo_ms: dict | None = None) -> list[dict]:
+    return [result(target.describe(), w, c, *asyncio.run(run(target, w, c)), slo_ms) for c in concurrencies]

@@ -89,6 +89,11 @@ class Soak:
         self.solo: dict[tuple[str, int], str] = {}
         self.t0 = 0.0
         self._ids = 0
+        # Engine tokens per cancelled request id, read off the server's log as it grows: the server keeps
+        # only its last 5,000 lines, which a long soak outruns.
+        self.freed: dict[str, int] = {}
+        self._log_pos = target.server.log_mark()
+        self.log_lines_missed = 0
 
     # -- references ---------------------------------------------------------------------------
     async def references(self, grpc) -> None:
@@ -259,8 +264,17 @@ class Soak:
             except asyncio.TimeoutError:
                 pass
 
+    def read_log(self) -> None:
+        server = self.t.server
+        end = server.log_mark()
+        lines = server.logs_since(self._log_pos)
+        self.log_lines_missed += (end - self._log_pos) - len(lines)
+        self._log_pos = end
+        self.freed.update((m.group(1), int(m.group(2))) for line in lines if (m := CANCELLED.search(line)))
+
     async def sampler(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.read_log()
             self.samples.append({"t_s": round(time.monotonic() - self.t0, 2), "in_flight": self.in_flight,
                                  **server_usage(self.t.server)})
             try:
@@ -272,7 +286,7 @@ class Soak:
         while time.monotonic() < end:
             self.records.append(await self.one(clients))
 
-    async def main(self, log_mark: int) -> dict:
+    async def main(self) -> dict:
         import openai
 
         from client import AsyncClient, Client
@@ -303,12 +317,13 @@ class Soak:
         except Exception:  # noqa: BLE001 -- reported as not served
             after = False
         await grpc.close()
-        return self.report(wall, ready, after, self.t.server.logs_since(log_mark))
+        return self.report(wall, ready, after)
 
     # -- report ---------------------------------------------------------------------------------
-    def report(self, wall: float, ready: bool, served_after: bool, log: list[str], stuck: int = 0) -> dict:
+    def report(self, wall: float, ready: bool, served_after: bool, stuck: int = 0) -> dict:
         """`stuck`: requests still in flight when the run was cut off (counted as lost)."""
-        freed = {m.group(1): int(m.group(2)) for line in log if (m := CANCELLED.search(line))}
+        self.read_log()
+        freed = self.freed
         closed = [r for r in self.records if r.kind in ("early_close", "vanish") and r.request_id and r.outcome == "ok"]
         after = [freed[r.request_id] - r.tokens_received for r in closed if r.request_id in freed]
         outcomes = collections.Counter(r.outcome for r in self.records)
@@ -323,7 +338,7 @@ class Soak:
             "by_kind": by_kind, "by_transport": dict(collections.Counter(r.transport for r in self.records)),
             "failures": [asdict(r) for r in self.records if r.outcome != "ok"][:50],
             "cancel_to_free_tokens": {
-                "closed_streams": len(closed), "observed": len(after),
+                "closed_streams": len(closed), "observed": len(after), "log_lines_missed": self.log_lines_missed,
                 "median": statistics.median(after) if after else None,
                 "p95": sorted(after)[int(0.95 * (len(after) - 1))] if after else None,
                 "max": max(after) if after else None},
@@ -388,18 +403,38 @@ def engine_active(server) -> float | None:
 def run(target: Target, cfg: SoakConfig) -> dict:
     """The soak, bounded: a request that hangs past its deadline in a way the deadline cannot cut
     (a stuck cancellation) must not hang the harness too; the run then ends with what it has."""
-    soak, mark = Soak(target, cfg), target.server.log_mark()
+    soak = Soak(target, cfg)
 
     async def bounded() -> dict:
         try:
-            return await asyncio.wait_for(soak.main(mark), cfg.duration_s + 3 * cfg.deadline_s + 120)
+            return await asyncio.wait_for(soak.main(), cfg.duration_s + 3 * cfg.deadline_s + 120)
         except asyncio.TimeoutError:
-            result = soak.report(time.monotonic() - soak.t0, target.server.ready(), False,
-                                 target.server.logs_since(mark), stuck=soak.in_flight)
+            result = soak.report(time.monotonic() - soak.t0, target.server.ready(), False, stuck=soak.in_flight)
             result["cut_off"] = True
             return result
 
     return asyncio.run(bounded())
+
+
+def serve_and_run(repo: Path, cfg: SoakConfig, out: Path) -> dict:
+    """Serve the repository (and, when the OpenAI transport is in the mix, the OpenAI frontend), with the
+    server's log in `out`, and run the soak against it."""
+    from model_repo.__main__ import served_model_name, start_frontend
+    from model_repo.openai_api import FrontendConfig
+    from model_repo.server import TritonServer, free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    with TritonServer(repo, log_file=out / "server.log") as server:
+        frontend, target = None, Target(server)
+        if "openai" in cfg.transports:
+            port, name = free_port(), served_model_name(repo)
+            frontend = start_frontend(FrontendConfig(server.grpc_url, name), "127.0.0.1", port)
+            target = Target(server, f"http://127.0.0.1:{port}/v1", name)
+        try:
+            return run(target, cfg)
+        finally:
+            if frontend is not None:
+                frontend.should_exit = True
 
 
 def write(result: dict, out: Path) -> Path:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from build_engine import calibration, cli, presets
+from client.cli import example
 
 EXAMPLES = """examples:
   python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
@@ -63,12 +64,15 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(title="commands")
 
-    s = sub.add_parser("prepare", help="materialize a model as a local Hugging Face folder")
+    s = sub.add_parser("prepare", help="materialize a model as a local Hugging Face folder",
+                       **example("python -m build_engine prepare --model smollm2-135m-instruct"))
     s.add_argument("--model", required=True, help="tiny-hermes | smollm2-135m-instruct | hub id | folder")
     s.add_argument("--output", help="folder to write (default: the cache)")
     s.set_defaults(handler=_prepare)
 
-    s = sub.add_parser("quantize", help="INT4-AWQ calibration and TensorRT-LLM checkpoint export")
+    s = sub.add_parser("quantize", help="INT4-AWQ calibration and TensorRT-LLM checkpoint export",
+                       **example("python -m build_engine quantize --model smollm2-135m-instruct --output "
+                                 "artifacts/smol/checkpoint"))
     s.add_argument("--model", required=True, help="built-in name, preset source, hub id or local HF folder")
     s.add_argument("--output", required=True)
     s.add_argument("--preset", help=f"settings to use (default: the model's own); one of {', '.join(presets.names())}")
@@ -84,7 +88,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tensor parallelism: one rank file per GPU (default: 1)")
     s.set_defaults(handler=_quantize)
 
-    s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint")
+    s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint",
+                       **example("python -m build_engine build --checkpoint artifacts/smol/checkpoint --output "
+                                 "artifacts/smol/engine-cpu --target cpu"))
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--target", choices=("gpu", "cpu"), required=True)
@@ -95,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU engine: fp32 = exact (the checkpoint's), int8 = faster; `verify` reports its cost")
     s.set_defaults(handler=_build)
 
-    s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original")
+    s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original",
+                       **example("python -m build_engine verify --checkpoint artifacts/smol/checkpoint --engine "
+                                 "artifacts/smol/engine-cpu --report artifacts/smol/verify.json"))
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--engine", required=True)
     s.add_argument("--report", required=True)

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from client import Client, ClientError, Conversation
+from client import Client, Conversation, cli
+from client.cli import example
 
 EXAMPLES = """examples:
   python -m client chat --url 127.0.0.1:8001
@@ -52,11 +53,12 @@ def chat(args) -> int:
             print(" [cancelled]")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(title="commands")
-    s = sub.add_parser("chat", help="interactive chat (or one-shot with --prompt)")
+    s = sub.add_parser("chat", help="interactive chat (or one-shot with --prompt)",
+                       **example('python -m client chat --url 127.0.0.1:8001 --prompt "What is 2 + 2?"'))
     s.add_argument("--url", default=os.environ.get("HERMES_URL", "127.0.0.1:8001"))
     s.add_argument("--model", default="tensorrt_llm_bls")
     s.add_argument("--system")
@@ -65,17 +67,11 @@ def main(argv=None) -> int:
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--timeout", type=float, help="deadline per answer, seconds")
     s.set_defaults(handler=chat)
-    args = p.parse_args(argv)
-    if not hasattr(args, "handler"):
-        p.print_help()
-        return 2
-    try:
-        return args.handler(args)
-    except (ClientError, ValueError) as e:
-        if os.environ.get("HERMES_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv=None) -> int:
+    return cli.run(parser(), argv)
 
 
 if __name__ == "__main__":

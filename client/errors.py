@@ -6,17 +6,13 @@ from __future__ import annotations
 class ClientError(Exception):
     """Base of every error this client raises."""
 
-    retryable = False
-
 
 class BadRequestError(ClientError):
     """The server refused the request (invalid parameter, empty or over-long prompt)."""
 
 
 class UnavailableError(ClientError):
-    """The server cannot be reached or is not ready."""
-
-    retryable = True
+    """The server cannot be reached or is not ready (retried before the first chunk)."""
 
 
 class OverloadedError(UnavailableError):

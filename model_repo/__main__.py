@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from build_engine import UserError, cli, container
+from client.cli import example
 from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog
 
 EXAMPLES = """examples:
@@ -178,7 +179,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model_repo", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(title="commands")
-    s = sub.add_parser("generate", help="write a Triton model repository for an engine")
+    s = sub.add_parser("generate", help="write a Triton model repository for an engine",
+                       **example("python -m model_repo generate --engine artifacts/smol/engine-cpu --output "
+                                 "artifacts/smol/model_repository"))
     s.add_argument("--engine", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--max-batch-size", type=int)
@@ -187,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
                    help="requests waiting for tensorrt_llm before Triton refuses more (default: 4 x max batch size)")
     s.set_defaults(handler=_generate)
 
-    s = sub.add_parser("serve", help="serve a repository with Triton (bundled server on CPU, container on GPU)")
+    s = sub.add_parser("serve", help="serve a repository with Triton (bundled server on CPU, container on GPU)",
+                       **example("python -m model_repo serve --repo artifacts/smol/model_repository --grpc-port 8001"))
     s.add_argument("--repo", required=True)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--http-port", type=int, default=8000)
@@ -207,16 +211,16 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_serve)
 
     s = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton (CPU or GPU)",
-                       epilog="example:\n  python -m model_repo openai --triton 127.0.0.1:8001 --port 9000 "
-                              "--repo artifacts/smol/model_repository",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       **example("python -m model_repo openai --triton 127.0.0.1:8001 --port 9000 --repo "
+                                 "artifacts/smol/model_repository"))
     s.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=9000)
     _frontend_options(s, with_repo=True)
     s.set_defaults(handler=_openai)
 
-    s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop")
+    s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop",
+                       **example("python -m model_repo demo --repo artifacts/smol/model_repository"))
     s.add_argument("--repo", required=True)
     s.add_argument("--prompt", default="What is the capital of France?")
     s.add_argument("--max-tokens", type=int, default=64)

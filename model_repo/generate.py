@@ -111,7 +111,9 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         decoupled=True, instances=instances,
         parameters={**tok, "tensorrt_llm_model_name": "tensorrt_llm",
                     # Triton 2.51 (the CPU server) loses a mid-stream error on its way to the BLS (common.py).
-                    "engine_failure_marker": "true" if target == "cpu" else "false"})
+                    "engine_failure_marker": "true" if target == "cpu" else "false",
+                    # ... and deadlocks on the stop requests that cancel an inner request (common.cancel_address).
+                    "engine_cancel_channel": "true" if target == "cpu" else "false"})
     return [pre, llm, post, ensemble, bls]
 
 

@@ -116,15 +116,16 @@ def test_sweep_against_the_real_server_writes_json_csv_and_plot(smol_server, tmp
 
 def test_engine_only_run_uses_the_same_metrics(smol_engine_fp32):
     from benchmarks import engine
-    from benchmarks.runner import RunConfig
+    from benchmarks.runner import Workload
 
-    (r,) = engine.run_sweep(smol_engine_fp32, RunConfig("engine", num_prompts=2, output_len=6), [2])
+    (r,) = engine.run_sweep(smol_engine_fp32, Workload(num_prompts=2, output_len=6), [2])
+    assert r["target"] == {"engine": str(smol_engine_fp32)} and r["concurrency"] == 2
     assert r["metrics"]["completed"] == 2 and r["metrics"]["total_output_tokens"] == 12
     assert r["metrics"]["median_itl_ms"] is not None
 
 
 def test_compare_prints_ratios_and_missing_values():
-    from benchmarks.__main__ import compare
+    from benchmarks.report import compare
 
     text = compare({"metrics": {"median_ttft_ms": 10.0, "p99_itl_ms": None}},
                    {"metrics": {"median_ttft_ms": 15.0, "p99_itl_ms": 2.0}})
@@ -145,11 +146,12 @@ def test_sharegpt_prompts_take_the_first_human_turn(tmp_path):
 def test_http_and_ensemble_runs_complete(smol_server, tmp_path):
     import asyncio
 
-    from benchmarks.runner import RunConfig, run
+    from benchmarks.runner import Target, Workload, run
 
-    for cfg in (RunConfig(smol_server.http_url, protocol="http", num_prompts=2, output_len=6, concurrency=2),
-                RunConfig(smol_server.grpc_url, model="ensemble", num_prompts=2, output_len=6, request_rate=50.0)):
-        outputs, duration = asyncio.run(run(cfg))
+    for target, workload, c in ((Target(smol_server.http_url, protocol="http"), Workload(2, output_len=6), 2),
+                                (Target(smol_server.grpc_url, model="ensemble"),
+                                 Workload(2, output_len=6, request_rate=50.0), 1)):
+        outputs, duration = asyncio.run(run(target, workload, c))
         assert all(o.success for o in outputs), [o.error for o in outputs]
         assert all(o.output_tokens >= 1 and len(o.itl_s) >= 1 for o in outputs)
 
@@ -176,3 +178,17 @@ def test_roofline_per_gpu_under_tensor_parallelism(tiny_ckpt, tiny_ckpt_tp2):
     # half of the fp16 logits gathered.
     assert two["allreduces_per_step"] == 64
     assert two["allreduce_bytes_per_token_per_gpu"] == 64 * 4096 * 2 + arch["vocab_size"]
+
+
+def test_overhead_pairs_runs_by_concurrency_and_flags_a_negative_difference():
+    from benchmarks.report import format_overhead, overhead
+
+    def run(c, itl, ttft):
+        return {"concurrency": c, "metrics": {"median_itl_ms": itl, "median_ttft_ms": ttft, "median_e2el_ms": None}}
+
+    ov = overhead([run(1, 10.0, 50.0), run(4, 9.0, 80.0)], [run(1, 9.5, 45.0), run(4, 9.2, 70.0)])
+    assert ov[1]["negative"] == [] and ov[4]["negative"] == ["median_itl_ms"]
+    text = format_overhead(ov, rounds=2)
+    assert "c=4" in text and "negative median_itl_ms" in text and "missing" in text
+    with pytest.raises(ValueError, match="c=1 paired with engine c=4"):
+        overhead([run(1, 1.0, 1.0)], [run(4, 1.0, 1.0)])

@@ -202,13 +202,15 @@ def test_sixteen_concurrent_async_streams_complete(smol_server):
 def test_async_early_close_cancels(smol_server):
     async def main():
         async with AsyncClient(smol_server.grpc_url) as c:
-            stream = c.stream([Message("user", "Tell me a very long story.")], max_tokens=1000)
+            stream = c.stream([Message("user", "Tell me a very long story.")], max_tokens=1000, min_tokens=1000)
             n = 0
             async for _ in stream:
                 n += 1
                 if n == 2:
                     break
             await stream.aclose()
+            # From the server's state: the engine empties (1000 tokens would take over 10 s).
+            await asyncio.to_thread(wait_engine_idle, smol_server, 3)
             return await c.complete(QUESTION, max_tokens=32)
 
     assert "Paris" in asyncio.run(main()).text

@@ -215,7 +215,7 @@ def test_benchmark_measures_the_openai_frontend_like_the_triton_deployment(front
     url, name = frontend
     common = ["--num-prompts", "3", "--output-len", "8", "--concurrency", "2", "--warmup", "0"]
     assert bench(["serve", "--backend", "openai", "--url", f"{url}/v1", "--model", name, *common,
-                  "--out", str(tmp_path / "oa")]) == 0
+                  "--api-key", "sk-never-in-results", "--out", str(tmp_path / "oa")]) == 0
     assert bench(["serve", "--url", smol_server.grpc_url, *common, "--out", str(tmp_path / "grpc")]) == 0
     import json
 
@@ -225,7 +225,10 @@ def test_benchmark_measures_the_openai_frontend_like_the_triton_deployment(front
         runs[kind] = result
         assert [r["success"] for r in result["requests"]] == [True] * 3
         assert [r["output_tokens"] for r in result["requests"]] == [8] * 3
-    assert runs["oa"]["config"]["protocol"] == "openai" and runs["oa"]["metrics"]["median_ttft_ms"] is not None
+    # The key is sent (this frontend runs without one and ignores it) and never written to the results.
+    assert not [p for p in (tmp_path / "oa").iterdir() if p.suffix in (".json", ".csv")
+                and "sk-never-in-results" in p.read_text()]
+    assert runs["oa"]["target"]["protocol"] == "openai" and runs["oa"]["metrics"]["median_ttft_ms"] is not None
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(smol_server):

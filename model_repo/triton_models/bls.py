@@ -8,6 +8,7 @@ request carries the end and pad ids that preprocessing settles (the request's ow
 tokenizer's): one rule for the ensemble and this model."""
 
 import collections
+import dataclasses
 import itertools
 import threading
 
@@ -16,8 +17,9 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, StopText, check_no_parameters,
-                                             failure_message, params, refusal, scalar, strings, to_words_list)
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelSender, StopText,
+                                             check_no_parameters, failure_message, params, refusal, scalar, strings,
+                                             to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
@@ -44,6 +46,8 @@ class TritonPythonModel:
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
         # CPU deployments only (Triton 2.51): see common.FAILURE_MARKER.
         self.failure_marker = p.get("engine_failure_marker", "false") == "true"
+        # CPU deployments only (Triton 2.51): see common.cancel_address.
+        self.cancel = CancelSender(self.llm) if p.get("engine_cancel_channel", "false") == "true" else None
 
     _ids = itertools.count()
 
@@ -83,7 +87,10 @@ class TritonPythonModel:
 
     def _stop(self, request_id: str) -> None:
         """Cancel an inner request the way TensorRT-LLM's backend defines it: a request with the same
-        id and stop=true (BLS requests cannot be cancelled directly in this Triton version)."""
+        id and stop=true (BLS requests cannot be cancelled directly in Triton 2.51); on the CPU server,
+        through the cancel channel (common.cancel_address)."""
+        if self.cancel is not None and self.cancel.send(request_id):
+            return
         one = np.array([[1]], dtype=np.int32)
         stop = pb_utils.InferenceRequest(
             model_name=self.llm, request_id=request_id, requested_output_names=["output_ids"],
@@ -126,58 +133,79 @@ class TritonPythonModel:
         ]
         return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if t.name() in wanted])
 
+    def _parse(self, request) -> "_Call":
+        """The request checked, its prompt tokenized and its inner request built; BadRequest if refused."""
+        check_no_parameters(request)
+        text = scalar(pb_utils, request, "text_input")
+        if not text:
+            raise BadRequest("text_input is empty")
+        ids, end_id, pad_id = self._preprocess(request, text)
+        inner = self._llm_request(request, ids, end_id, pad_id)  # checks max_tokens and the sampling values
+        return _Call(ids=ids, end_id=end_id, stream=bool(scalar(pb_utils, request, "stream", False)),
+                     wanted=set(request.requested_output_names()),
+                     max_tokens=int(scalar(pb_utils, request, "max_tokens")),
+                     stops=strings(pb_utils, request, "stop_words"), inner=inner)
+
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
-            check_no_parameters(request)
-            text = scalar(pb_utils, request, "text_input")
-            if not text:
-                raise BadRequest("text_input is empty")
-            ids, end_id, pad_id = self._preprocess(request, text)
-            stream = bool(scalar(pb_utils, request, "stream", False))
-            llm_request = self._llm_request(request, ids, end_id, pad_id)
+            call = self._parse(request)
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
-        wanted = set(request.requested_output_names())
-        detok = Detokenizer(self.tok, skip_ids=(end_id,))
-        cut = StopText(strings(pb_utils, request, "stop_words"))
-        n_out, pieces = 0, []
-        responses = llm_request.exec(decoupled=True)
-        _KEEP.append((llm_request, responses))
-        cancelled = CancelCheck(sender)
         try:
-            for r in responses:
-                if cancelled():
-                    self._stop(llm_request.request_id())
-                    for _ in responses:  # to its end: see _preprocess on what undrained responses cost
-                        pass
-                    sender.send(flags=FINAL)
-                    return
-                if r.has_error():
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message())),
-                                flags=FINAL)
-                    return
-                out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-                failure = failure_message(pb_utils, r)
-                if failure is not None:
-                    raise RuntimeError(failure)
-                if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
-                    continue
-                new = [int(t) for t in out.as_numpy().reshape(-1)]
-                n_out += len(new)
-                delta = cut.push("".join(detok.push(t) for t in new))
-                if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
-                    self._stop(llm_request.request_id())
-                if stream and delta:
-                    sender.send(self._response(wanted, delta, "", len(ids), n_out))
-                pieces.append(delta)
+            final = self._relay(call, sender)
         except Exception as e:  # a broken inner stream fails this request only
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")),
-                        flags=FINAL)
-            return
+            final = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
+        if final is None:  # cancelled by the caller: the stream ends without another response
+            sender.send(flags=FINAL)
+        else:
+            sender.send(final, flags=FINAL)
+
+    def _relay(self, call: "_Call", sender):
+        """Runs the inner request, sends the text deltas (when streaming) and returns the final response,
+        or None if the caller cancelled. Every inner stream is read to its end (see _preprocess)."""
+        detok = Detokenizer(self.tok, skip_ids=(call.end_id,))
+        cut = StopText(call.stops)
+        n_out, pieces = 0, []
+        responses = call.inner.exec(decoupled=True)
+        _KEEP.append((call.inner, responses))
+        cancelled = CancelCheck(sender)
+        for r in responses:
+            if cancelled():
+                self._stop(call.inner.request_id())
+                for _ in responses:
+                    pass
+                return None
+            if r.has_error():
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
+            out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+            failure = failure_message(pb_utils, r)
+            if failure is not None:
+                raise RuntimeError(failure)
+            if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
+                continue
+            new = [int(t) for t in out.as_numpy().reshape(-1)]
+            n_out += len(new)
+            delta = cut.push("".join(detok.push(t) for t in new))
+            if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
+                self._stop(call.inner.request_id())
+            if call.stream and delta:
+                sender.send(self._response(call.wanted, delta, "", len(call.ids), n_out))
+            pieces.append(delta)
         tail = cut.push(detok.flush()) + cut.flush()
         pieces.append(tail)
-        reason = "length" if n_out >= int(scalar(pb_utils, request, "max_tokens")) and not cut.stopped else "stop"
-        final_text = tail if stream else "".join(pieces)
-        sender.send(self._response(wanted, final_text, reason, len(ids), n_out), flags=FINAL)
+        reason = "length" if n_out >= call.max_tokens and not cut.stopped else "stop"
+        return self._response(call.wanted, tail if call.stream else "".join(pieces), reason, len(call.ids), n_out)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One chat request, checked and ready to run."""
+    ids: list[int]
+    end_id: int
+    stream: bool
+    wanted: set[str]  # the outputs the caller asked for
+    max_tokens: int
+    stops: list[str]
+    inner: object  # the tensorrt_llm InferenceRequest

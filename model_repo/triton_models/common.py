@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 import time
 
 import numpy as np
@@ -150,3 +153,65 @@ def failure_message(pb_utils, response) -> str | None:
         return None
     ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1)
     return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", "replace")
+
+
+# Cancelling an inner request on the CPU server (Triton 2.51). TensorRT-LLM's way is a second request with the same
+# id and stop=true; the BLS sends one for every closed stream and every stop string. In Triton 2.51's python
+# backend, those extra BLS requests, sent while the BLS reads the first one's decoupled responses, deadlocked the
+# server twice in 30-minute soaks (every tensorrt_llm stub thread blocked in ResponseSender.send, the BLS waiting
+# for its stop request's answer; triton-inference-server/server#5988; RELIABILITY.md). Where the BLS and the CPU
+# tensorrt_llm share a host, the BLS sends the request id as one datagram instead, outside Triton. The socket is in
+# Linux's abstract namespace (nothing on disk to leave behind), named after the tritonserver process that is every
+# stub's parent, so two servers on one host never cross. The GPU keeps stop requests: the C++ backend takes them.
+def cancel_address(model: str) -> bytes:
+    return f"\0hermes-trtllm-cancel-{os.getppid()}-{model}".encode()
+
+
+class CancelListener:
+    """The CPU tensorrt_llm's end of the channel: calls `on_cancel(request_id)` for every datagram."""
+
+    def __init__(self, model: str, on_cancel):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(cancel_address(model))
+        except OSError as e:  # a second instance of the model: one listener per server and model
+            self.sock.close()
+            raise RuntimeError(f"cannot open the cancel channel of {model} ({e}); the CPU tensorrt_llm runs as "
+                               "one instance") from None
+        self.sock.settimeout(0.2)
+        self.on_cancel = on_cancel
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cancel-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.on_cancel(data.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class CancelSender:
+    """The BLS's end: `send(request_id)` is True once the datagram is on its way, False if no listener is there
+    (then the caller falls back to a stop request)."""
+
+    def __init__(self, model: str):
+        self.address = cancel_address(model)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.settimeout(1.0)  # a full queue for longer than this: fall back
+
+    def send(self, request_id: str) -> bool:
+        try:
+            self.sock.sendto(request_id.encode("utf-8"), self.address)
+            return True
+        except OSError:  # no listener (not the CPU tensorrt_llm), or its queue full for the moment
+            return False

@@ -18,8 +18,8 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.cpu import CpuEngine, QueueFull, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, failure_response,
-                                             from_words_list, params, refusal, scalar)
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelListener,
+                                             failure_response, from_words_list, params, refusal, scalar)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -46,7 +46,13 @@ class TritonPythonModel:
         self.metrics = EngineMetrics(self.engine, args["model_name"], args["model_version"])
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.max_output_len = self.engine.context_length
-        self.live = {}  # request id -> engine stream, for stop requests
+        self.live = {}  # request id -> engine stream, for stop requests and the cancel channel
+        self.cancel_listener = CancelListener(args["model_name"], self._cancel)
+
+    def _cancel(self, rid: str) -> None:
+        target = self.live.get(rid)
+        if target is not None:
+            target.close()
 
     def _sampling(self, request) -> Sampling:
         def val(name, default=None):
@@ -108,76 +114,65 @@ class TritonPythonModel:
             absent = [n for n in REQUIRED_INPUTS if pb_utils.get_input_tensor_by_name(request, n) is None]
             if absent:  # before anything else, stop requests included, as Triton's own check would be
                 raise BadRequest(f"{absent[0]} is required")
-            stop = scalar(pb_utils, request, "stop", False)
-        except BadRequest as e:
-            sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
-            return
-        if stop:
-            # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
-            if not rid:
-                sender.send(pb_utils.InferenceResponse(error=refusal(
-                    pb_utils, "Trying to stop a request but request ID is not provided")), flags=FINAL)
+            if scalar(pb_utils, request, "stop", False):
+                # TensorRT-LLM's convention: stop=true with the id of a request in flight cancels it.
+                if not rid:
+                    raise BadRequest("Trying to stop a request but request ID is not provided")
+                self._cancel(rid)
+                sender.send(flags=FINAL)
                 return
-            target = self.live.get(rid)
-            if target is not None:
-                target.close()
-            sender.send(flags=FINAL)
-            return
-        try:
             missing = [n for n in REQUIRED_OUTPUTS if n not in request.requested_output_names()]
             if missing:  # as the C++ backend's fillTritonResponse
                 raise BadRequest(f"{missing[0]} tensor must be present in list of output tensors")
             ids = self._input_ids(request)
             streaming = bool(scalar(pb_utils, request, "streaming", False))
             exclude = bool(scalar(pb_utils, request, "exclude_input_in_output", self.exclude_input_default))
-            sampling = self._sampling(request)
-            stream = self.engine.submit(ids.tolist(), sampling)
-            if rid:
-                self.live[rid] = stream
+            stream = self.engine.submit(ids.tolist(), self._sampling(request))
         except (BadRequest, ValueError) as e:
             sender.send(pb_utils.InferenceResponse(error=refusal(pb_utils, str(e))), flags=FINAL)
             return
         except QueueFull as e:  # the backend answers a full executor queue with INTERNAL and this text
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
             return
-        generated, held = [], []
-        cancelled = CancelCheck(sender)
+        if rid:
+            self.live[rid] = stream
         try:
-            for step in stream:
-                if cancelled():
-                    stream.close()
-                    self._log_cancelled(rid, stream)
-                    sender.send(flags=FINAL)
-                    return
-                if step.error:
-                    pb_utils.Logger.log_error(f"request {rid or '-'}: {step.error}")
-                    response = (failure_response(pb_utils, step.error) if rid.endswith(FAILURE_MARKER)
-                                else pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)))
-                    sender.send(response, flags=FINAL)
-                    return
-                if step.token_id is not None:
-                    generated.append(step.token_id)
-                    held.append(step.token_id)
-                # Stream a chunk only when it decodes to complete characters.
-                if streaming and held and step.text and not step.finish_reason:
-                    self._send_tokens(sender, held)
-                    held = []
-                if step.finish_reason:
-                    break
+            self._respond(sender, rid, stream, ids.tolist(), streaming, exclude)
         finally:
             stream.close()
             self.live.pop(rid, None)
-        if stream.finish_reason == "cancelled":
+
+    def _respond(self, sender, rid: str, stream, ids: list[int], streaming: bool, exclude: bool) -> None:
+        generated, held = [], []
+        cancelled = CancelCheck(sender)
+        for step in stream:
+            if cancelled():  # the caller is gone: handled with the other cancellations below
+                break
+            if step.error:
+                pb_utils.Logger.log_error(f"request {rid or '-'}: {step.error}")
+                response = (failure_response(pb_utils, step.error) if rid.endswith(FAILURE_MARKER)
+                            else pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)))
+                sender.send(response, flags=FINAL)
+                return
+            if step.token_id is not None:
+                generated.append(step.token_id)
+                held.append(step.token_id)
+            # Stream a chunk only when it decodes to complete characters.
+            if streaming and held and step.text and not step.finish_reason:
+                self._send_tokens(sender, held)
+                held = []
+            if step.finish_reason:
+                break
+        if stream.finish_reason in (None, "cancelled"):  # by the caller, a stop request or the cancel channel
+            stream.close()
             self._log_cancelled(rid, stream)
             sender.send(flags=FINAL)
-            return
-        if streaming:
+        elif streaming:
             if held:
                 self._send_tokens(sender, held)
             sender.send(flags=FINAL)
         else:
-            out = generated if exclude else ids.tolist() + generated
-            self._send_tokens(sender, out, flags=FINAL)
+            self._send_tokens(sender, generated if exclude else ids + generated, flags=FINAL)
 
     @staticmethod
     def _log_cancelled(rid: str, stream) -> None:
@@ -185,6 +180,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"request {rid or '-'} cancelled after {stream.generated_tokens} tokens")
 
     def finalize(self):
+        self.cancel_listener.close()
         self.metrics.close()
         self.engine.close()
 

@@ -1,0 +1,46 @@
+"""The command-line root of every package (`python -m build_engine | model_repo | benchmarks | client`):
+one-line errors with exit code 1, HERMES_DEBUG=1 for a traceback, 130 on Ctrl-C. It lives in `client`, the
+package every other one may import and which imports none of theirs, so the client's CLI stays light."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from client.errors import ClientError
+
+DEBUG_HINT = " (HERMES_DEBUG=1 for a traceback)"
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+        self_explaining: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse, call the command's handler, turn an error into one line. `self_explaining`: errors whose
+    message already says the fix, printed without the traceback hint."""
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int | None] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    debug = bool(os.environ.get("HERMES_DEBUG"))
+    try:
+        return int(handler(args) or 0)
+    except (*self_explaining, ClientError, ValueError, KeyError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        message = str(e).strip("'") if isinstance(e, KeyError) else str(e)
+        if isinstance(e, ClientError):  # the class is part of the story: UnavailableError, BadRequestError ...
+            message = f"{type(e).__name__}: {message}"
+        hint = "" if debug or isinstance(e, self_explaining) else DEBUG_HINT
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def example(command_line: str) -> dict:
+    """A subcommand's `--help` ends with an example: `sub.add_parser(name, help=..., **example("python -m ..."))`."""
+    return {"epilog": f"example:\n  {command_line}", "formatter_class": argparse.RawDescriptionHelpFormatter}

@@ -1,0 +1,60 @@
+"""The python models' shared helpers (model_repo.triton_models.common), offline: the BLS's stop-sequence cut,
+TensorRT-LLM's words lists, the CPU server's cancel channel."""
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from model_repo.triton_models.common import CancelListener, CancelSender, StopText, from_words_list, to_words_list
+
+TEXT = "The capital of France is Paris. Paris is big.\nEnd of story."
+
+
+@pytest.mark.parametrize("stops,want", [
+    (["Paris"], "The capital of France is "),
+    (["\n", "big"], "The capital of France is Paris. Paris is "),
+    (["nowhere"], TEXT),
+    (["story.", "End"], "The capital of France is Paris. Paris is big.\n"),
+])
+def test_deltas_join_to_the_text_before_the_first_stop(stops, want):
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(TEXT)), rng.randint(0, 12)))
+        pieces = [TEXT[a:b] for a, b in zip([0, *cuts], [*cuts, len(TEXT)])]
+        cut = StopText(stops)
+        out = [cut.push(p) for p in pieces]
+        out.append(cut.flush())
+        assert "".join(out) == want  # every delta is a piece of `want`: nothing past the cut leaked
+        assert cut.stopped == (want != TEXT)
+
+
+def test_words_lists_have_tensorrt_llms_layout_and_round_trip(hermes_tokenizer):
+    """TensorRT-LLM's [2, L] words list: row 0 every word's ids one after another, row 1 the offsets where
+    each word ends, padded with -1 (TensorRT-LLM triton_backend/all_models/inflight_batcher_llm/preprocessing/
+    1/model.py, _to_word_list_format; it pads row 0 with 0, which the backend never reads)."""
+    words = ["<|im_end|>", "Paris", " the end"]
+    ids = [hermes_tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    arr = to_words_list(hermes_tokenizer, words)
+    flat = [i for w in ids for i in w]
+    assert arr.dtype == np.int32 and arr.shape == (2, len(flat))
+    assert arr[0].tolist() == flat
+    ends = np.cumsum([len(w) for w in ids]).tolist()
+    assert arr[1].tolist() == ends + [-1] * (len(flat) - len(ends))
+    assert from_words_list(arr) == ids
+    assert from_words_list(to_words_list(hermes_tokenizer, [])) == []
+
+
+def test_the_cancel_channel_reaches_the_listener_and_says_when_nobody_listens():
+    got, seen = [], threading.Event()
+    listener = CancelListener("test-model", lambda rid: (got.append(rid), seen.set()))
+    try:
+        with pytest.raises(RuntimeError, match="one instance"):  # one listener per server and model
+            CancelListener("test-model", lambda rid: None)
+        assert CancelSender("test-model").send("req-1#7~failure-marker")
+        assert seen.wait(5) and got == ["req-1#7~failure-marker"]
+    finally:
+        listener.close()
+    assert not CancelSender("test-model").send("req-2")  # then the BLS falls back to a stop request
+    assert not CancelSender("other-model").send("req-3")
