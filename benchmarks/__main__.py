@@ -7,20 +7,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from client.cli import example
+
+from client.cli import example, program
+
 
 def _serve(args) -> int:
     from benchmarks import report
-    from benchmarks.runner import Target, Workload, run_sweep
+    from benchmarks.runner import Target, run_sweep
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
         if args.goodput else None
     protocol = "openai" if args.backend == "openai" else args.protocol
     model = args.model if args.backend == "openai" else {"bls": "tensorrt_llm_bls"}.get(args.model, args.model)
     target = Target(args.url, model, protocol, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
-    workload = Workload(args.num_prompts, args.input_words, args.output_len, request_rate=args.request_rate,
-                        burstiness=args.burstiness, dataset=args.dataset, input_len=args.input_len,
-                        tokenizer=args.tokenizer, warmup=args.warmup)
+    workload = _workload(args)
     results = run_sweep(target, workload, [int(c) for c in args.concurrency.split(",")], slo)
     report.write_results(results, Path(args.out))
     print(report.summary(results))
@@ -45,10 +45,8 @@ def _roofline(args) -> int:
 
 def _engine(args) -> int:
     from benchmarks import engine, report
-    from benchmarks.runner import Workload
 
-    workload = Workload(num_prompts=args.num_prompts, input_words=args.input_words, output_len=args.output_len)
-    results = engine.run_sweep(Path(args.engine), workload, [int(c) for c in args.concurrency.split(",")])
+    results = engine.run_sweep(Path(args.engine), _workload(args), [int(c) for c in args.concurrency.split(",")])
     report.write_results(results, Path(args.out), prefix="engine")
     print(report.summary(results))
     return 0
@@ -58,13 +56,11 @@ def _suite(args) -> int:
     """make bench: the CPU demo deployment served by Triton and its engine alone at concurrency 1, 4, 8,
     interleaved round by round; the serving overhead is their difference."""
     from benchmarks import engine, report
-    from benchmarks.runner import Workload
     from build_engine import manifest
 
     repo, out = Path(args.repo), Path(args.out)
     engine_dir = Path(args.engine or manifest.read(repo, "triton-repository")["engine"]["path"])
-    workload = Workload(num_prompts=args.num_prompts, output_len=args.output_len, input_len=args.input_len,
-                        tokenizer=str(repo / "preprocessing" / "tokenizer"))
+    workload = _workload(args, tokenizer=str(repo / "preprocessing" / "tokenizer"))
     served, alone = engine.served_vs_engine(repo, engine_dir, workload, [1, 4, 8], args.rounds)
     report.write_results(served, out)
     report.write_results(alone, out, prefix="engine")
@@ -115,13 +111,40 @@ def _soak(args) -> int:
     return 0 if result["lost"] == result["garbled"] == 0 and not result["failed"] and result["ready_after"] else 1
 
 
+# The workload options, declared once: each command takes the ones it uses, and _workload() builds the
+# benchmarks.runner.Workload from whichever a command has.
+WORKLOAD_OPTIONS = {
+    "num_prompts": dict(type=int, default=16),
+    "input_words": dict(type=int, default=32, help="synthetic prompt size without a tokenizer"),
+    "input_len": dict(type=int, help="exact prompt tokens (ChatML included); needs a tokenizer"),
+    "tokenizer": dict(help="the served model's tokenizer folder (REPO/preprocessing/tokenizer)"),
+    "output_len": dict(type=int, default=64, help="fixed output length (EOS ignored via min_tokens)"),
+    "request_rate": dict(type=float, help="arrivals per second (Poisson, or gamma with --burstiness)"),
+    "burstiness": dict(type=float, default=1.0),
+    "dataset": dict(help="ShareGPT-format JSON file of conversations"),
+    "warmup": dict(type=int, default=1),
+}
+
+
+def _workload_options(s: argparse.ArgumentParser, *names: str, **defaults) -> None:
+    for name in names:
+        s.add_argument("--" + name.replace("_", "-"), **{**WORKLOAD_OPTIONS[name], **defaults.get(name, {})})
+
+
+def _workload(args, **fixed):
+    from dataclasses import fields
+
+    from benchmarks.runner import Workload
+
+    given = {f.name: getattr(args, f.name) for f in fields(Workload) if hasattr(args, f.name)}
+    return Workload(**{**given, **fixed})
+
+
 def parser() -> argparse.ArgumentParser:
     from benchmarks import soak  # standard library only at import: the default mix for --help
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    sub = p.add_subparsers(title="commands")
+    p, sub = program("benchmarks", __doc__)
     s = sub.add_parser("serve", help="sweep a running deployment over gRPC streaming",
-                       **example("python -m benchmarks serve --url 127.0.0.1:8001 --concurrency 1,4,8 --out "
-                                 "results/serve"))
+                       **example("python -m benchmarks serve --url 127.0.0.1:8001 --concurrency 1,4,8"))
     s.add_argument("--url", required=True)
     s.add_argument("--backend", choices=("triton", "openai"), default="triton",
                    help="triton: this deployment's Triton models; openai: any OpenAI-compatible server "
@@ -130,15 +153,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="triton: the transport")
     s.add_argument("--api-key", help="openai: the server's API key (default: $OPENAI_API_KEY)")
     s.add_argument("--concurrency", default="1,2,4,8", help="comma-separated caps; one run each")
-    s.add_argument("--request-rate", type=float, help="arrivals per second (Poisson, or gamma with --burstiness)")
-    s.add_argument("--burstiness", type=float, default=1.0)
-    s.add_argument("--dataset", help="ShareGPT-format JSON file of conversations")
-    s.add_argument("--num-prompts", type=int, default=16)
-    s.add_argument("--input-words", type=int, default=32, help="synthetic prompt size without a tokenizer")
-    s.add_argument("--input-len", type=int, help="exact prompt tokens (ChatML included); needs --tokenizer")
-    s.add_argument("--tokenizer", help="the served model's tokenizer folder (REPO/preprocessing/tokenizer)")
-    s.add_argument("--output-len", type=int, default=64, help="fixed output length (EOS ignored via min_tokens)")
-    s.add_argument("--warmup", type=int, default=1)
+    _workload_options(s, *WORKLOAD_OPTIONS)
     s.add_argument("--goodput", help="SLOs, e.g. ttft_ms:500,tpot_ms:50")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_serve)
@@ -149,8 +164,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.set_defaults(handler=_compare)
     s = sub.add_parser("roofline", help="decode upper bound from bytes read per step",
-                       **example("python -m benchmarks roofline --preset nous-hermes-2-mistral-7b-dpo --gpu h100 --tp "
-                                 "2"))
+                       **example("python -m benchmarks roofline --preset nous-hermes-2-mistral-7b-dpo --tp 2"))
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint")
     g.add_argument("--preset")
@@ -164,18 +178,14 @@ def parser() -> argparse.ArgumentParser:
                        **example("python -m benchmarks engine --engine artifacts/smol/engine-cpu --concurrency 1,4,8"))
     s.add_argument("--engine", required=True)
     s.add_argument("--concurrency", default="1,4,8")
-    s.add_argument("--num-prompts", type=int, default=16)
-    s.add_argument("--input-words", type=int, default=32)
-    s.add_argument("--output-len", type=int, default=64)
+    _workload_options(s, "num_prompts", "input_words", "output_len")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_engine)
     s = sub.add_parser("suite", help="make bench: CPU demo deployment, concurrency 1/4/8",
                        **example("python -m benchmarks suite --repo artifacts/smol/model_repository --out results"))
     s.add_argument("--repo", required=True)
-    s.add_argument("--engine")
-    s.add_argument("--num-prompts", type=int, default=16)
-    s.add_argument("--input-len", type=int, default=64)
-    s.add_argument("--output-len", type=int, default=64)
+    s.add_argument("--engine", help="the engine to time alone (default: the repository manifest's)")
+    _workload_options(s, "num_prompts", "input_len", "output_len", input_len={"default": 64})
     s.add_argument("--rounds", type=int, default=2, help="interleaved rounds of served and engine-only runs")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)

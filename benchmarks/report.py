@@ -8,8 +8,8 @@ import json
 import platform
 from pathlib import Path
 
-KEYS = ("completed", "failed", "total_input_tokens", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
-        "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
+KEYS = ("completed", "failed", "total_input_tokens", "request_throughput", "output_throughput", "median_ttft_ms",
+        "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
 
 
 def write_results(results: list[dict], out: Path, prefix: str = "serve") -> None:

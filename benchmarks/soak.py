@@ -338,7 +338,8 @@ class Soak:
             "by_kind": by_kind, "by_transport": dict(collections.Counter(r.transport for r in self.records)),
             "failures": [asdict(r) for r in self.records if r.outcome != "ok"][:50],
             "cancel_to_free_tokens": {
-                "closed_streams": len(closed), "observed": len(after), "log_lines_missed": self.log_lines_missed,
+                "closed_streams": len(closed), "observed": len(after),
+                "log_lines_missed": self.log_lines_missed,
                 "median": statistics.median(after) if after else None,
                 "p95": sorted(after)[int(0.95 * (len(after) - 1))] if after else None,
                 "max": max(after) if after else None},

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from build_engine import calibration, cli, presets
-from client.cli import example
+from client.cli import example, program
 
 EXAMPLES = """examples:
   python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
@@ -60,9 +60,7 @@ def _verify(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m build_engine", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(title="commands")
+    p, sub = program("build_engine", __doc__, EXAMPLES)
 
     s = sub.add_parser("prepare", help="materialize a model as a local Hugging Face folder",
                        **example("python -m build_engine prepare --model smollm2-135m-instruct"))

@@ -8,7 +8,7 @@ import os
 import sys
 
 from client import Client, Conversation, cli
-from client.cli import example
+from client.cli import example, program
 
 EXAMPLES = """examples:
   python -m client chat --url 127.0.0.1:8001
@@ -54,9 +54,7 @@ def chat(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m client", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(title="commands")
+    p, sub = program("client", __doc__, EXAMPLES)
     s = sub.add_parser("chat", help="interactive chat (or one-shot with --prompt)",
                        **example('python -m client chat --url 127.0.0.1:8001 --prompt "What is 2 + 2?"'))
     s.add_argument("--url", default=os.environ.get("HERMES_URL", "127.0.0.1:8001"))

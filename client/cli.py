@@ -44,3 +44,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
 def example(command_line: str) -> dict:
     """A subcommand's `--help` ends with an example: `sub.add_parser(name, help=..., **example("python -m ..."))`."""
     return {"epilog": f"example:\n  {command_line}", "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def program(name: str, doc: str | None, examples: str | None = None):
+    """`python -m <name>`'s parser and its subcommands: (parser, subparsers)."""
+    p = argparse.ArgumentParser(prog=f"python -m {name}", description=doc, epilog=examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p, p.add_subparsers(title="commands")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from build_engine import UserError, cli, container
-from client.cli import example
+from client.cli import example, program
 from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog
 
 EXAMPLES = """examples:
@@ -176,9 +176,7 @@ def _demo(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model_repo", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(title="commands")
+    p, sub = program("model_repo", __doc__, EXAMPLES)
     s = sub.add_parser("generate", help="write a Triton model repository for an engine",
                        **example("python -m model_repo generate --engine artifacts/smol/engine-cpu --output "
                                  "artifacts/smol/model_repository"))

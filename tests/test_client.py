@@ -270,3 +270,66 @@ def test_a_stop_sequence_frees_the_engine_instead_of_generating_on(smol_server):
                        min_tokens=1500, stop=("ragon",))
     assert r.finish_reason == "stop" and "ragon" not in r.text
     wait_engine_idle(smol_server, 3)  # the BLS stopped the inner request; it did not run on to 1500 tokens
+
+
+class ScriptedSource:
+    """A transport that plays a script: (chunk, final) events, or an exception to raise at that point.
+    Records whether the Stream finished (request ended) or cancelled it."""
+
+    def __init__(self, script, log):
+        self.script, self.log, self.request_id = script, log, f"r{len(log)}"
+        log.append(self)
+        self.ended = None
+
+    def events(self):
+        for item in self.script:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def finish(self):
+        self.ended = "finished"
+
+    def cancel(self):
+        self.ended = "cancelled"
+
+
+def scripted_stream(*scripts, retries=3, retry_on=(UnavailableError,)):
+    from client.client import Stream
+
+    log, queue = [], list(scripts)
+    return Stream(lambda: ScriptedSource(queue.pop(0), log), retries=retries, backoff_s=0, retry_on=retry_on), log
+
+
+def test_stream_retries_only_before_the_first_chunk_and_finishes_without_cancelling():
+    from client import Chunk
+
+    down = UnavailableError("connection refused")
+    ok = [(Chunk("Hel"), False), (Chunk("lo", "stop"), True)]
+    s, log = scripted_stream([down], [down], ok)
+    assert "".join(c.text for c in s) == "Hello"
+    assert [src.ended for src in log] == ["cancelled", "cancelled", "finished"]  # an ended request: no cancel
+
+    s, log = scripted_stream([(Chunk("Hel"), False), down], ok)  # lost after a chunk: never replayed
+    with pytest.raises(UnavailableError):
+        list(s)
+    assert len(log) == 1 and log[0].ended == "cancelled"
+
+    s, log = scripted_stream([down], [down], retries=1)  # retries run out
+    with pytest.raises(UnavailableError):
+        list(s)
+    assert len(log) == 2
+
+
+def test_stream_does_not_retry_a_refusal_and_an_early_close_cancels():
+    from client import BadRequestError, Chunk
+
+    s, log = scripted_stream([BadRequestError("max_tokens must be an integer >= 1 (got 0)")], [])
+    with pytest.raises(BadRequestError):
+        list(s)
+    assert len(log) == 1
+
+    s, log = scripted_stream([(Chunk("a"), False), (Chunk("b"), False), (Chunk("c", "length"), True)])
+    with s:
+        assert next(iter(s)).text == "a"
+    assert log[0].ended == "cancelled" and s.request_id is None

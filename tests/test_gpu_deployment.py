@@ -146,6 +146,12 @@ def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_
     assert (cpu.backend, gpu.backend) == ("python", "tensorrtllm")
     assert list(cpu.input) == list(gpu.input) and list(cpu.output) == list(gpu.output)
     assert set(cpu.parameters) == set(gpu.parameters) and backend_contract.check(cpu) == []
+    # The BLS's Triton 2.51 workarounds are the CPU server's only: on the GPU, errors travel as errors and
+    # cancellation is TensorRT-LLM's stop request, which the C++ backend takes.
+    bls = {t: parse((repo / "tensorrt_llm_bls" / "config.pbtxt").read_text()).parameters
+           for t, repo in (("cpu", tmp_path / "cpu-repo"), ("gpu", gpu_repo))}
+    for key in ("engine_failure_marker", "engine_cancel_channel"):
+        assert (bls["cpu"][key].string_value, bls["gpu"][key].string_value) == ("true", "false")
 
 
 @pytest.mark.parametrize("breakage,expected", [

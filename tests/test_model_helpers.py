@@ -1,8 +1,10 @@
 """The python models' shared helpers (model_repo.triton_models.common), offline: the BLS's stop-sequence cut,
 TensorRT-LLM's words lists, the CPU server's cancel channel."""
 
+import os
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -58,3 +60,29 @@ def test_the_cancel_channel_reaches_the_listener_and_says_when_nobody_listens():
         listener.close()
     assert not CancelSender("test-model").send("req-2")  # then the BLS falls back to a stop request
     assert not CancelSender("other-model").send("req-3")
+
+
+def test_the_cancel_channel_takes_datagrams_only_from_stubs_of_the_same_server():
+    """The socket is abstract (no file permissions): a process with another parent is ignored."""
+    import subprocess
+    import sys
+
+    got = []
+    listener = CancelListener("test-model-2", got.append)
+    try:
+        code = ("from model_repo.triton_models.common import CancelSender, cancel_address\n"
+                "import os, socket\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                f"s.sendto(b'victim#1', b'\\0hermes-trtllm-cancel-{os.getppid()}-test-model-2')\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # its parent: this process
+        deadline = time.monotonic() + 5
+        while listener.refused == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listener.refused == 1 and got == []
+        assert CancelSender("test-model-2").send("mine#1")
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == ["mine#1"]
+    finally:
+        listener.close()

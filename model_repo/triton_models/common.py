@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -157,12 +159,15 @@ def failure_message(pb_utils, response) -> str | None:
 
 # Cancelling an inner request on the CPU server (Triton 2.51). TensorRT-LLM's way is a second request with the same
 # id and stop=true; the BLS sends one for every closed stream and every stop string. In Triton 2.51's python
-# backend, those extra BLS requests, sent while the BLS reads the first one's decoupled responses, deadlocked the
-# server twice in 30-minute soaks (every tensorrt_llm stub thread blocked in ResponseSender.send, the BLS waiting
-# for its stop request's answer; triton-inference-server/server#5988; RELIABILITY.md). Where the BLS and the CPU
+# backend, those extra BLS requests deadlocked the server: twice in 30-minute soaks, and in 2 minutes under 70 %
+# early closes (the tensorrt_llm stub's threads blocked in ResponseSender.send, the BLS's in exec(); see
+# RELIABILITY.md and triton-inference-server/server#5988). Where the BLS and the CPU
 # tensorrt_llm share a host, the BLS sends the request id as one datagram instead, outside Triton. The socket is in
 # Linux's abstract namespace (nothing on disk to leave behind), named after the tritonserver process that is every
-# stub's parent, so two servers on one host never cross. The GPU keeps stop requests: the C++ backend takes them.
+# stub's parent, so two servers on one host never cross. An abstract socket has no file permissions, so the listener
+# takes a datagram only from a process of the same user whose parent is that same tritonserver (the kernel's
+# SCM_CREDENTIALS): another local process cannot cancel requests. The GPU keeps stop requests: the C++ backend
+# takes them.
 def cancel_address(model: str) -> bytes:
     return f"\0hermes-trtllm-cancel-{os.getppid()}-{model}".encode()
 
@@ -178,8 +183,10 @@ class CancelListener:
             self.sock.close()
             raise RuntimeError(f"cannot open the cancel channel of {model} ({e}); the CPU tensorrt_llm runs as "
                                "one instance") from None
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.settimeout(0.2)
         self.on_cancel = on_cancel
+        self.refused = 0  # datagrams from anyone but a sibling stub
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cancel-listener", daemon=True)
         self._thread.start()
@@ -187,17 +194,35 @@ class CancelListener:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
             except socket.timeout:
                 continue
             except OSError:
                 return
-            self.on_cancel(data.decode("utf-8", "replace"))
+            if _from_a_sibling(ancillary):
+                self.on_cancel(data.decode("utf-8", "replace"))
+            else:
+                self.refused += 1
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
         self.sock.close()
+
+
+def _from_a_sibling(ancillary) -> bool:
+    """Whether the kernel-checked sender is this user's, with this process's parent."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid, uid, _ = struct.unpack("3i", data[: struct.calcsize("3i")])
+            if uid != os.getuid():
+                return False
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                return int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()
+            except (OSError, ValueError, IndexError):
+                return False
+    return False
 
 
 class CancelSender:
