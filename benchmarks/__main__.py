@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from build_engine import cli
 from client.cli import example, program
 
 
@@ -216,11 +217,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    """The shared CLI root: one-line errors with the fix, HERMES_DEBUG=1 for a traceback."""
-    from build_engine import cli
-
-    return cli.run(parser(), argv)
+main = cli.entry(parser)
 
 
 if __name__ == "__main__":

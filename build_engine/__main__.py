@@ -89,9 +89,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint",
                        **example("python -m build_engine build --checkpoint artifacts/smol/checkpoint --output "
                                  "artifacts/smol/engine-cpu --target cpu"))
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--output", required=True)
-    s.add_argument("--target", choices=("gpu", "cpu"), required=True)
+    s.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `quantize`")
+    s.add_argument("--output", required=True, help="the engine folder (an older one is replaced when the build succeeds)")
+    s.add_argument("--target", choices=("gpu", "cpu"), required=True,
+                   help="gpu: trtllm-build (needs the TensorRT-LLM container); cpu: the onnxruntime engine")
     s.add_argument("--dry-run", action="store_true", help="print what would run and stop")
     s.add_argument("--accuracy-level", type=int, choices=(1, 4), default=4,
                    help="CPU engine: 1 = fp32 compute, 4 = int8 activations (faster)")
@@ -103,8 +104,8 @@ def parser() -> argparse.ArgumentParser:
                        **example("python -m build_engine verify --checkpoint artifacts/smol/checkpoint --engine "
                                  "artifacts/smol/engine-cpu --report artifacts/smol/verify.json"))
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--engine", required=True)
-    s.add_argument("--report", required=True)
+    s.add_argument("--engine", required=True, help="a CPU engine folder built from that checkpoint")
+    s.add_argument("--report", required=True, help="where to write the JSON report")
     s.add_argument("--original", help="the original HF model (default: the checkpoint manifest's source)")
     s.add_argument("--compare-engine", action="append", metavar="DIR",
                    help="another CPU engine of the same checkpoint (e.g. --lm-head int8) to report beside it")
@@ -112,8 +113,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return cli.run(parser(), argv)
+main = cli.entry(parser)
 
 
 if __name__ == "__main__":

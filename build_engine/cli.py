@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from build_engine import UserError
 from client import cli
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """The shared root (client.cli), with UserError as an error whose message says the fix."""
-    return cli.run(parser, argv, self_explaining=(UserError,))
+def entry(make_parser: Callable[[], argparse.ArgumentParser]) -> Callable[..., int]:
+    """A package's `main(argv=None)` under the shared root (client.cli), with UserError as an error whose
+    message says the fix."""
+    return cli.entry(make_parser, self_explaining=(UserError,))
 
 
 def quiet_progress() -> bool:

@@ -68,8 +68,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return cli.run(parser(), argv)
+main = cli.entry(parser)
 
 
 if __name__ == "__main__":

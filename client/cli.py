@@ -41,6 +41,15 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         return 130
 
 
+def entry(make_parser: Callable[[], argparse.ArgumentParser],
+          self_explaining: tuple[type[BaseException], ...] = ()) -> Callable[..., int]:
+    """A package's `main(argv=None)`: its parser under this root (`main = cli.entry(parser)`)."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run(make_parser(), argv, self_explaining)
+
+    return main
+
+
 def example(command_line: str) -> dict:
     """A subcommand's `--help` ends with an example: `sub.add_parser(name, help=..., **example("python -m ..."))`."""
     return {"epilog": f"example:\n  {command_line}", "formatter_class": argparse.RawDescriptionHelpFormatter}

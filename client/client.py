@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -220,6 +221,23 @@ def _http_error_message(e: urllib.error.HTTPError) -> str:
 _HTTP_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
+@dataclass(frozen=True)
+class Retry:
+    """The one retry rule of both clients: an error of a kind in `on` is retried only before the first
+    chunk (a retry must not repeat text already delivered), at most `retries` times, after
+    backoff_s * 2**attempt seconds."""
+
+    retries: int = 0
+    backoff_s: float = 0.2
+    on: tuple[type[ClientError], ...] = (UnavailableError,)
+
+    def delay(self, attempt: int, error: BaseException, delivered: bool) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None: give up and raise `error`."""
+        if not isinstance(error, self.on) or delivered or attempt >= self.retries:
+            return None
+        return self.backoff_s * 2**attempt
+
+
 class Stream:
     """Iterator of Chunks for one request, the same for every transport. Closing it early (close(),
     `with`, or leaving a loop) cancels the request on the server; in-band errors become exceptions;
@@ -230,8 +248,8 @@ class Stream:
                 print(chunk.text, end="")
     """
 
-    def __init__(self, open_source, retries: int = 0, backoff_s: float = 0.2, retry_on=(UnavailableError,)):
-        self._open, self._retries, self._backoff_s, self._retry_on = open_source, retries, backoff_s, retry_on
+    def __init__(self, open_source, retry: Retry = Retry()):
+        self._open, self._retry = open_source, retry
         self._source = None
         self._closed = False
 
@@ -240,24 +258,25 @@ class Stream:
         return self._source.request_id if self._source is not None else None
 
     def _events(self):
-        for attempt in range(self._retries + 1):
+        for attempt in itertools.count():
             delivered = False
             try:
                 self._source = self._open()
                 for chunk, final in self._source.events():
                     if final:  # before the last yield: a consumer may stop there
                         self._finish_source()
-                    if chunk is not None and (chunk.text or final):
+                    if _worth_yielding(chunk, final):
                         delivered = True
                         yield chunk
                     if final:
                         return
                 return
-            except self._retry_on:
+            except ClientError as e:
                 self._cancel_source()
-                if delivered or attempt == self._retries:
+                delay = self._retry.delay(attempt, e, delivered)
+                if delay is None:
                     raise
-                time.sleep(self._backoff_s * 2**attempt)
+                time.sleep(delay)
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -307,7 +326,8 @@ class Client:
         self.url = grpc_target(url) if protocol == "grpc" else endpoints(url)[0]
         self.model, self.timeout_s = model, timeout_s
         self.ssl, self.root_certificates, self.headers = ssl, root_certificates, dict(headers or {})
-        self.retries, self.backoff_s, self.protocol = retries, backoff_s, protocol
+        self.protocol = protocol
+        self._retry = Retry(retries, backoff_s, _retry_on(self.url))
         self._pool: list = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -339,7 +359,7 @@ class Client:
         fields = request_fields(prompt, _params(params, overrides))
         source = _HttpSource if self.protocol == "http" else _GrpcSource
         rid = request_id or self._request_id()
-        return Stream(lambda: source(self, fields, rid), self.retries, self.backoff_s, _retry_on(self.url))
+        return Stream(lambda: source(self, fields, rid), self._retry)
 
     def complete(self, messages, params: SamplingParams | None = None, **overrides) -> Completion:
         acc = _Collector()
@@ -385,9 +405,8 @@ class AsyncClient:
         import tritonclient.grpc.aio as ga
 
         self.model, self.timeout_s, self.headers = model, timeout_s, dict(headers or {})
-        self.retries, self.backoff_s = retries, backoff_s
         target = grpc_target(url)
-        self._retry_on = _retry_on(target)
+        self._retry = Retry(retries, backoff_s, _retry_on(target))
         self._g = ga.InferenceServerClient(target, ssl=ssl, root_certificates=root_certificates,
                                            channel_args=channel_args())
         self._ids = itertools.count()
@@ -401,7 +420,7 @@ class AsyncClient:
 
         inputs = grpc_inputs(request_fields(prompt, _params(params, overrides)))
         rid = request_id or f"a{uuid.uuid4().hex[:8]}-{next(self._ids)}"
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             delivered = False
 
             async def requests():
@@ -414,21 +433,21 @@ class AsyncClient:
                 async for result, error in responses:
                     if error is not None:
                         raise error_from_grpc(getattr(error, "status", lambda: None)(), error.message())
-                    chunk, final = parse_result(result)
-                    finished = final
-                    if chunk is not None and (chunk.text or final):
+                    chunk, finished = parse_result(result)
+                    if _worth_yielding(chunk, finished):
                         delivered = True
                         yield chunk
-                    if final:
+                    if finished:
                         return
                 return
             except Exception as e:
                 err = e if isinstance(e, ClientError) else error_from_grpc(_status_of(e), str(e))
-                if not isinstance(err, self._retry_on) or delivered or attempt == self.retries:
+                delay = self._retry.delay(attempt, err, delivered)
+                if delay is None:
                     if err is e:
                         raise
                     raise err from e
-                await asyncio.sleep(self.backoff_s * 2**attempt)
+                await asyncio.sleep(delay)
             finally:
                 # Cancel only a request that has not ended (see Stream._finish_source): once the request
                 # stream is exhausted the call half-closes and Triton ends it after the final response.
@@ -463,6 +482,11 @@ def _retry_on(target: str) -> tuple[type[ClientError], ...]:
     reaches it can fail the call with INTERNAL rather than UNAVAILABLE, and nothing has been generated."""
     several = target.startswith(("ipv4:", "ipv6:", "dns:"))
     return (UnavailableError, ServerError) if several else (UnavailableError,)
+
+
+def _worth_yielding(chunk: Chunk | None, final: bool) -> bool:
+    """A chunk with text, or the final one (it carries the finish reason and usage): both clients' rule."""
+    return chunk is not None and bool(chunk.text or final)
 
 
 def _status_of(e: Exception) -> str | None:

@@ -236,8 +236,7 @@ def _frontend_options(s, with_repo: bool) -> None:
                    help="larger request bodies are refused with 413 (default: %(default)s)")
 
 
-def main(argv=None) -> int:
-    return cli.run(parser(), argv)
+main = cli.entry(parser)
 
 
 if __name__ == "__main__":

@@ -300,10 +300,10 @@ class ScriptedSource:
 
 
 def scripted_stream(*scripts, retries=3, retry_on=(UnavailableError,)):
-    from client.client import Stream
+    from client.client import Retry, Stream
 
     log, queue = [], list(scripts)
-    return Stream(lambda: ScriptedSource(queue.pop(0), log), retries=retries, backoff_s=0, retry_on=retry_on), log
+    return Stream(lambda: ScriptedSource(queue.pop(0), log), Retry(retries, backoff_s=0, on=retry_on)), log
 
 
 def test_stream_retries_only_before_the_first_chunk_and_finishes_without_cancelling():
