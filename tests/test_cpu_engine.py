@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -143,6 +144,20 @@ def test_max_tokens_reports_length(smol_runtime):
     toks, _, reason = smol_runtime.generate(chat(smol_runtime.tokenizer, "Tell me a long story."),
                                             Sampling(max_tokens=5))
     assert len(toks) == 5 and reason == "length"
+
+
+def test_backlog_counts_the_steps_a_slow_reader_has_not_taken(smol_runtime):
+    """The served model sends what piled up as one response when its reader falls behind: it asks the
+    stream's backlog, which must count exactly the steps made and not yet read."""
+    with smol_runtime.submit(chat(smol_runtime.tokenizer, "Tell me a long story."), Sampling(max_tokens=6)) as s:
+        deadline = time.monotonic() + 30
+        while s.finished_step is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.backlog == 6 + 1  # six tokens and the final step
+        steps = iter(s)
+        next(steps)
+        assert s.backlog == 6
+        assert [st.finish_reason for st in steps] == [None] * 5 + ["length"] and s.backlog == 0
 
 
 def test_sampling_explores_and_seeds_reproduce_whatever_the_batch(smol_runtime):

@@ -253,11 +253,17 @@ def test_an_out_of_range_max_tokens_gets_one_message_from_every_path(smol_server
         assert str(e.value) == messages[0]
 
 
-def test_over_long_prompt_is_refused(smol_server):
-    prompt = format_chatml([Message("user", "word " * 5000)])
-    for model in ("tensorrt_llm_bls", "ensemble"):
-        _, err = stream_call(smol_server.grpc_url, model, inputs(prompt, 16, True))
-        assert err is not None and "the engine accepts at most" in err
+@pytest.mark.parametrize("prompt, message", [
+    (format_chatml([Message("user", "word " * 5000)]), "the engine accepts at most"),
+    ("", "text_input is empty"),
+])
+def test_a_refused_prompt_gets_one_message_from_every_path(smol_server, prompt, message):
+    """One prompt rule (common.PromptEncoder): the ensemble's preprocessing and the BLS, which tokenizes in
+    process, refuse the same prompt with the same words."""
+    errors = [stream_call(smol_server.grpc_url, model, inputs(prompt, 16, True))[1]
+              for model in ("tensorrt_llm_bls", "ensemble")]
+    assert all(e is not None and message in e for e in errors), errors
+    assert errors[0].split("invalid request: ", 1)[1] == errors[1].split("invalid request: ", 1)[1]
     assert ready(smol_server.http_url)
 
 

@@ -30,6 +30,10 @@ class Decoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # onnxruntime's pool threads spin inside a run (fast hand-offs between ops) but not after it: between
+        # steps the two cores belong to sampling, the readers of the streams and, when served, the stubs.
+        # Measured with `make bench`: engine alone +17 % output tok/s at concurrency 8, served +8 %.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(Path(engine_dir) / cfg["filename"]), opts,
                                             providers=["CPUExecutionProvider"])
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")

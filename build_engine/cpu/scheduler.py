@@ -96,6 +96,11 @@ class Stream:
         return self._r.sampler.generated
 
     @property
+    def backlog(self) -> int:
+        """Steps the engine has made for this request that the reader has not taken yet."""
+        return self._r.out.qsize()
+
+    @property
     def finished_step(self) -> int | None:
         """The engine step at which its row was free again."""
         return self._r.finished_step

@@ -1,11 +1,12 @@
-"""tensorrt_llm_bls: the streaming chat model. Tokenizes through the `preprocessing` model (one
-place turns text into ids, BOS exactly once), calls `tensorrt_llm` through BLS, and emits correct text deltas: a stateful
-detokenizer keeps SentencePiece leading spaces and never splits a multi-byte character, so the
-concatenated deltas equal the non-streamed text.
+"""tensorrt_llm_bls: the streaming chat model. Tokenizes the prompt in process with preprocessing's own
+rule (common.PromptEncoder: one place turns text into ids, BOS exactly once; a BLS call to preprocessing
+would cost a round trip through the server per request), calls `tensorrt_llm` through BLS, and emits
+correct text deltas: a stateful detokenizer keeps SentencePiece leading spaces and never splits a
+multi-byte character, so the concatenated deltas equal the non-streamed text.
 
 TensorRT-LLM's backend has no default end id (a request without one never stops), so every inner
-request carries the end and pad ids that preprocessing settles (the request's own, else the
-tokenizer's): one rule for the ensemble and this model."""
+request carries an end and a pad id: the request's own, else the tokenizer's, as preprocessing settles
+them for the ensemble."""
 
 import collections
 import dataclasses
@@ -17,18 +18,17 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelSender, StopText,
-                                             check_no_parameters, failure_message, params, refusal, scalar, strings,
-                                             to_words_list)
+from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelSender, PromptEncoder,
+                                             StopText, check_no_parameters, failure_message, params, refusal, scalar,
+                                             strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
 # their last reference is dropped here, by Python under the GIL, and not by the stub's own threads: the
 # python backend of Triton 2.51 frees NumPy-backed tensors without the GIL (python_backend PR #390, fixed
-# in r24.12), which corrupts the stub's heap under load.
-_KEEP: collections.deque = collections.deque(maxlen=256)  # some 85 requests: seconds at any load
-PREPROCESSING_OUTPUTS = ["INPUT_ID", "REQUEST_INPUT_LEN", "OUT_REQUEST_OUTPUT_LEN", "OUT_END_ID", "OUT_PAD_ID",
-                         "STOP_WORDS_IDS", "BAD_WORDS_IDS"]
+# in r24.12), which corrupts the stub's heap under load ("malloc(): unaligned tcache chunk detected",
+# then "Stub process is not healthy"). For the same reason every inner stream is read to its end.
+_KEEP: collections.deque = collections.deque(maxlen=256)  # some 128 requests: seconds at any load
 # Ensemble-style input name -> tensorrt_llm input name, dtype
 FORWARD = {
     "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
@@ -42,7 +42,9 @@ class TritonPythonModel:
     def initialize(self, args):
         p = params(args)
         self.tok = load_tokenizer(p["tokenizer_dir"])
-        self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
+        self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
+        self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
+        self.max_output_len = int(p["max_output_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
         # CPU deployments only (Triton 2.51): see common.FAILURE_MARKER.
         self.failure_marker = p.get("engine_failure_marker", "false") == "true"
@@ -101,30 +103,9 @@ class TritonPythonModel:
         for _ in responses:
             pass
 
-    def _preprocess(self, request, text: str) -> tuple[list[int], int, int]:
-        """(prompt ids, end id, pad id) from the preprocessing model."""
-        inputs = [pb_utils.Tensor("QUERY", np.array([[text.encode("utf-8")]], dtype=object)),
-                  pb_utils.Tensor("REQUEST_OUTPUT_LEN", np.array([[1]], dtype=np.int32))]
-        for name, target in (("end_id", "END_ID"), ("pad_id", "PAD_ID")):
-            v = scalar(pb_utils, request, name)
-            if v is not None:
-                inputs.append(pb_utils.Tensor(target, np.array([[v]], dtype=np.int32)))
-        # Every output preprocessing has, and every inner stream read to its end: in Triton 2.51's python
-        # backend, outputs pruned to the requested ones, and BLS responses left in a dropped iterator,
-        # are freed without the GIL (fixed by python_backend PR #390, r24.12), which corrupts the stub's
-        # heap under load ("malloc(): unaligned tcache chunk detected", then "Stub process is not healthy").
-        pre = pb_utils.InferenceRequest(model_name="preprocessing", inputs=inputs,
-                                        requested_output_names=PREPROCESSING_OUTPUTS)
-        r = pre.exec()
-        _KEEP.append((pre, r))
-        if r.has_error():
-            raise BadRequest(r.error().message())  # preprocessing's refusal, already marked
-        out = lambda name: pb_utils.get_output_tensor_by_name(r, name).as_numpy().reshape(-1)  # noqa: E731
-        return [int(i) for i in out("INPUT_ID")], int(out("OUT_END_ID")[0]), int(out("OUT_PAD_ID")[0])
-
     @staticmethod
     def _response(wanted, text, finish_reason, n_prompt, n_out):
-        """Only the outputs the caller asked for (`wanted`): see _preprocess on pruned outputs."""
+        """Only the outputs the caller asked for (`wanted`)."""
         tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
             pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
@@ -136,10 +117,9 @@ class TritonPythonModel:
     def _parse(self, request) -> "_Call":
         """The request checked, its prompt tokenized and its inner request built; BadRequest if refused."""
         check_no_parameters(request)
-        text = scalar(pb_utils, request, "text_input")
-        if not text:
-            raise BadRequest("text_input is empty")
-        ids, end_id, pad_id = self._preprocess(request, text)
+        ids = self.prompts.encode(scalar(pb_utils, request, "text_input"))
+        end_id, pad_id = (int(scalar(pb_utils, request, name, default))
+                          for name, default in (("end_id", self.end_id), ("pad_id", self.pad_id)))
         inner = self._llm_request(request, ids, end_id, pad_id)  # checks max_tokens and the sampling values
         return _Call(ids=ids, end_id=end_id, stream=bool(scalar(pb_utils, request, "stream", False)),
                      wanted=set(request.requested_output_names()),
@@ -164,7 +144,7 @@ class TritonPythonModel:
 
     def _relay(self, call: "_Call", sender):
         """Runs the inner request, sends the text deltas (when streaming) and returns the final response,
-        or None if the caller cancelled. Every inner stream is read to its end (see _preprocess)."""
+        or None if the caller cancelled. Every inner stream is read to its end (see _KEEP)."""
         detok = Detokenizer(self.tok, skip_ids=(call.end_id,))
         cut = StopText(call.stops)
         n_out, pieces = 0, []

@@ -69,6 +69,34 @@ class BadRequest(ValueError):
     """A request the model refuses with a clear message; the server keeps serving."""
 
 
+class PromptEncoder:
+    """Prompt text -> ids, the one rule of preprocessing and the BLS: a missing or empty prompt, one too
+    large for any `max_input_len` tokens (refused by size before the tokenizer spends time on it) and one
+    over `max_input_len` tokens are refused; BOS is added exactly once (a rendered chat template may
+    already start with it)."""
+
+    def __init__(self, tokenizer, max_input_len: int):
+        from build_engine.tokenization import max_prompt_bytes
+
+        self.tok, self.max_input_len = tokenizer, int(max_input_len)
+        self.max_prompt_bytes = max_prompt_bytes(tokenizer, self.max_input_len)
+
+    def encode(self, text: str | None) -> list[int]:
+        if text is None:
+            raise BadRequest("text_input is required")
+        if not text:
+            raise BadRequest("text_input is empty")
+        size = len(text.encode("utf-8"))
+        if size > self.max_prompt_bytes:
+            raise BadRequest(f"the prompt is {size} bytes; at most {self.max_input_len} tokens are accepted, "
+                             f"which no text over {self.max_prompt_bytes} bytes fits")
+        add_special = not (self.tok.bos_token and text.startswith(self.tok.bos_token))
+        ids = self.tok(text, add_special_tokens=add_special)["input_ids"]
+        if len(ids) > self.max_input_len:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
+        return ids
+
+
 def check_no_parameters(request) -> None:
     """Request parameters (HTTP /generate's unknown JSON fields land there) are not inputs: refuse
     them rather than ignore a misspelled option."""

@@ -2,11 +2,11 @@
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from build_engine.tokenization import load_tokenizer, max_prompt_bytes
+from build_engine.tokenization import load_tokenizer
 
 from client.limits import check_sampling
-from model_repo.triton_models.common import (BadRequest, check_no_parameters, params, refusal, scalar, strings,
-                                             to_words_list)
+from model_repo.triton_models.common import (BadRequest, PromptEncoder, check_no_parameters, params, refusal, scalar,
+                                             strings, to_words_list)
 
 
 class TritonPythonModel:
@@ -14,25 +14,12 @@ class TritonPythonModel:
         p = params(args)
         self.tok = load_tokenizer(p["tokenizer_dir"])
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
-        self.max_input_len, self.max_output_len = int(p["max_input_len"]), int(p["max_output_len"])
-        self.max_prompt_bytes = max_prompt_bytes(self.tok, self.max_input_len)
+        self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
+        self.max_output_len = int(p["max_output_len"])
 
     def _one(self, request):
         check_no_parameters(request)  # the ensemble passes its request's parameters to each step
-        text = scalar(pb_utils, request, "QUERY")
-        if text is None:
-            raise BadRequest("text_input is required")
-        if not text:
-            raise BadRequest("text_input is empty")
-        size = len(text.encode("utf-8"))
-        if size > self.max_prompt_bytes:  # refused before the tokenizer spends time on it
-            raise BadRequest(f"the prompt is {size} bytes; at most {self.max_input_len} tokens are accepted, "
-                             f"which no text over {self.max_prompt_bytes} bytes fits")
-        # A prompt that already starts with BOS (e.g. a rendered chat template) must not get a second one.
-        add_special = not (self.tok.bos_token and text.startswith(self.tok.bos_token))
-        ids = self.tok(text, add_special_tokens=add_special)["input_ids"]
-        if len(ids) > self.max_input_len:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; the engine accepts at most {self.max_input_len}")
+        ids = self.prompts.encode(scalar(pb_utils, request, "QUERY"))
         out_len = scalar(pb_utils, request, "REQUEST_OUTPUT_LEN")
         if out_len is None:
             raise BadRequest("max_tokens is required")

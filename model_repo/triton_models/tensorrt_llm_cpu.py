@@ -157,8 +157,10 @@ class TritonPythonModel:
             if step.token_id is not None:
                 generated.append(step.token_id)
                 held.append(step.token_id)
-            # Stream a chunk only when it decodes to complete characters.
-            if streaming and held and step.text and not step.finish_reason:
+            # Stream a chunk when it decodes to complete characters, and when no later step is already
+            # waiting: a reader that fell behind (two cores shared by the engine and every stub) sends what
+            # has piled up as one response instead of one IPC round per token.
+            if streaming and held and step.text and not step.finish_reason and not stream.backlog:
                 self._send_tokens(sender, held)
                 held = []
             if step.finish_reason:
