@@ -96,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print what would run and stop")
     s.add_argument("--accuracy-level", type=int, choices=(1, 4), default=4,
                    help="CPU engine: 1 = fp32 compute, 4 = int8 activations (faster)")
-    s.add_argument("--lm-head", choices=("fp32", "int8"), default="fp32",
-                   help="CPU engine: fp32 = exact (the checkpoint's), int8 = faster; `verify` reports its cost")
+    s.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default="fp32",  # = cpu.graph.LM_HEADS (tested)
+                   help="CPU engine: fp32 = exact (the checkpoint's), int8 / int4 = faster; `verify` reports the cost")
     s.set_defaults(handler=_build)
 
     s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original",

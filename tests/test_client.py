@@ -338,3 +338,17 @@ def test_stream_does_not_retry_a_refusal_and_an_early_close_cancels():
     with s:
         assert next(iter(s)).text == "a"
     assert log[0].ended == "cancelled" and s.request_id is None
+
+
+def test_one_retry_rule_for_both_clients():
+    """client.Retry is the rule the sync Stream and the async client both ask: only the listed errors,
+    only before the first chunk, at most `retries` times, with exponential backoff."""
+    from client.client import Retry
+    from client.errors import BadRequestError, ServerError, UnavailableError
+
+    r = Retry(retries=2, backoff_s=0.5, on=(UnavailableError,))
+    assert [r.delay(a, UnavailableError("x"), delivered=False) for a in range(3)] == [0.5, 1.0, None]
+    assert r.delay(0, UnavailableError("x"), delivered=True) is None
+    assert r.delay(0, BadRequestError("x"), delivered=False) is None
+    assert r.delay(0, ServerError("x"), delivered=False) is None
+    assert Retry(1, 0.5, on=(UnavailableError, ServerError)).delay(0, ServerError("x"), delivered=False) == 0.5

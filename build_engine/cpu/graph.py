@@ -12,7 +12,7 @@ Per layer (x: [B, S, H]; p_* the AWQ pre-quant factors, folded where the algebra
   m  = silu(MatMulNBits(h')) * MatMulNBits'(h' * p_gate / p_fc)   # ' : scales rows * p_proj
   x'' = x' + MatMulNBits(m)
 logits = ln_f(x)[:, -1] @ lm_head[:real_vocab]^T  # last position only; padded rows dropped, never sampled
-                                                 # (lm_head fp32 = exact, or int8 MatMulNBits = fast)
+                                                 # (lm_head fp32 = exact, or int8/int4 MatMulNBits = fast)
 """
 
 from __future__ import annotations
@@ -67,19 +67,23 @@ class _Graph:
         return outs
 
 
-LM_HEADS = ("fp32", "int8")
+LM_HEADS = ("fp32", "int8", "int4")
 LM_HEAD_BLOCK = 32
 
 
-def quantize_lm_head_int8(w: np.ndarray, block: int = LM_HEAD_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """fp32 [N, K] -> (uint8 codes [N, K/block, block] = round(w / scale) + 128, scales fp32 [N * K/block]):
-    symmetric round-to-nearest per row and block of K, MatMulNBits' 8-bit layout (zero point 128)."""
+def quantize_lm_head(w: np.ndarray, bits: int, block: int = LM_HEAD_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 [N, K] -> (codes, scales fp32 [N * K/block]): symmetric round-to-nearest per row and block of
+    K, in MatMulNBits' layout for `bits` with its default zero point: 8 bits, uint8 [N, K/block, block] =
+    code + 128; 4 bits, two codes + 8 a byte (repack_for_matmulnbits)."""
     n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
     blocks = w.reshape(n, k // block, block)
-    scale = np.abs(blocks).max(-1, keepdims=True) / 127
+    scale = np.abs(blocks).max(-1, keepdims=True) / qmax
     scale[scale == 0] = 1
-    codes = np.clip(np.rint(blocks / scale), -127, 127).astype(np.int16) + 128
-    return codes.astype(np.uint8), scale.reshape(-1).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scale), -qmax, qmax).astype(np.int16)
+    packed = ((codes + 128).astype(np.uint8) if bits == 8
+              else repack_for_matmulnbits(codes.reshape(n, k).astype(np.int8), block))
+    return packed, scale.reshape(-1).astype(np.float32)
 
 
 def _linear(g: _Graph, ck: checkpoint.Checkpoint, layer: int, name: str, x: str, accuracy_level: int,
@@ -156,11 +160,12 @@ def _lm_head(g: _Graph, ck: checkpoint.Checkpoint, last: str, real_vocab: int, l
     head = ck.tensor("lm_head.weight")[:real_vocab]  # [V, H]
     if lm_head == "fp32":  # exact: dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact
         g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", head.T.copy())], ["logits"], name="lm_head"))
-    else:  # the fast option: int8 per row and block of 32, a quarter of the bytes per token
-        codes, scales = quantize_lm_head_int8(head)
+    else:  # the fast options, per row and block of 32: int8 reads a quarter of the bytes per token, int4 an eighth
+        bits = int(lm_head[3:])
+        codes, scales = quantize_lm_head(head, bits)
         g.nodes.append(helper.make_node(
             "MatMulNBits", [last, g.init("lm_head.qweight", codes), g.init("lm_head.scales", scales)], ["logits"],
-            name="lm_head", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=8,
+            name="lm_head", domain="com.microsoft", K=head.shape[1], N=head.shape[0], bits=bits,
             block_size=LM_HEAD_BLOCK, accuracy_level=accuracy_level))
 
 
@@ -282,7 +287,8 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4, lm_head: str = "fp3
                       "sliding_window": facts.get("sliding_window"), "kv_cache_dtype": "float32",
                       "group_size": ck.shapes.group_size, "lm_head": lm_head, "lm_head_detail": {
                           "fp32": "dense fp32, sliced to the real vocabulary (exact)",
-                          "int8": f"int8 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits"}[lm_head],
+                          "int8": f"int8 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits",
+                          "int4": f"int4 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits"}[lm_head],
                       "logits": "last position",
                       "prequant": "qkv's folded into input_layernorm, fc's into post_layernorm (gate keeps "
                                   "gate/fc), proj's into gate's scales; dense's a Mul"},
