@@ -1,8 +1,7 @@
 """CPU engine speed: prefill time, batch-1 decode tok/s and total tok/s at batch 4 and 8, for our
 engine under its own scheduler (the serving path) at accuracy levels 1 and 4, with the exact fp32
-lm_head and the fast int8 one, beside
-onnxruntime-genai's own builder (`-p int4`, same block size, og.Generator with a static batch) on
-the original model. Engines are timed round by round, A B C A B C ..., so drift hits all alike;
+lm_head and the fast int8 and int4 ones, beside onnxruntime-genai's own builder (`-p int4`, same
+block size, og.Generator with a static batch) on the original model. Engines are timed round by round, A B C A B C ..., so drift hits all alike;
 greedy, fixed lengths (end id ignored), medians over the rounds. Peak RSS is measured per engine
 in a fresh process (load, warm-up, one batch-1 request)."""
 
@@ -131,7 +130,7 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
     work = out / "engines"
     work.mkdir(parents=True, exist_ok=True)
     dirs = {}
-    for level, head in ((4, "fp32"), (4, "int8"), (1, "fp32")):
+    for level, head in ((4, "fp32"), (4, "int8"), (4, "int4"), (1, "fp32")):
         eng = work / f"hermes-a{level}-lm-head-{head}"
         if not (eng / "manifest.json").is_file():
             graph.build(checkpoint, eng, accuracy_level=level, lm_head=head)
