@@ -32,7 +32,7 @@ class Decoder:
         opts.log_severity_level = 3
         # onnxruntime's pool threads spin inside a run (fast hand-offs between ops) but not after it: between
         # steps the two cores belong to sampling, the readers of the streams and, when served, the stubs.
-        # Measured with `make bench`: engine alone +17 % output tok/s at concurrency 8, served +8 %.
+        # One `make bench` run each way: engine alone +17 % output tok/s at concurrency 8, served +8 %.
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(Path(engine_dir) / cfg["filename"]), opts,
                                             providers=["CPUExecutionProvider"])
