@@ -11,8 +11,13 @@ UINT64_MAX = 2**64 - 1
 
 def sampling_problems(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                       presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, seed=None,
-                      max_output_len: int | None = None) -> list[str]:
-    """Every out-of-range value, one message each (empty when the request is within limits)."""
+                      max_output_len: int | None = None, prompt_tokens: int | None = None,
+                      max_seq_len: int | None = None) -> list[str]:
+    """Every out-of-range value, one message each (empty when the request is within limits).
+
+    `prompt_tokens` + `max_tokens` must fit `max_seq_len`: TensorRT-LLM's executor would otherwise cut
+    max_tokens to what fits and only log a warning (LlmRequest::validate, TensorRT-LLM 1.2.x), and the
+    reply would end early with no sign of why."""
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -27,6 +32,10 @@ def sampling_problems(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, repetit
         (is_int(max_tokens) and max_tokens >= 1, f"max_tokens must be an integer >= 1 (got {max_tokens!r})"),
         (max_output_len is None or not is_int(max_tokens) or max_tokens <= max_output_len,
          f"max_tokens must be at most {max_output_len}, the engine's output limit (got {max_tokens!r})"),
+        (max_seq_len is None or prompt_tokens is None or not is_int(max_tokens)
+         or prompt_tokens + max_tokens <= max_seq_len,
+         f"the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the engine's maximum sequence "
+         f"length {max_seq_len}"),
         (temperature >= 0, f"temperature must be >= 0 (got {temperature})"),
         (0 < top_p <= 1, f"top_p must be in (0, 1] (got {top_p})"),
         (is_int(top_k) and top_k >= 0, f"top_k must be an integer >= 0 (got {top_k!r})"),

@@ -59,7 +59,8 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
     end_id, pad_id = facts["end_id"], facts["pad_id"]
     max_output_len = limits["max_seq_len"] - 1
     tok = {"tokenizer_dir": str(tokenizer_dir), "end_id": str(end_id), "pad_id": str(pad_id),
-           "max_input_len": str(limits["max_input_len"]), "max_output_len": str(max_output_len)}
+           "max_input_len": str(limits["max_input_len"]), "max_output_len": str(max_output_len),
+           "max_seq_len": str(limits["max_seq_len"])}
     pre = ModelSpec(
         "preprocessing", "python", max_batch_size,
         inputs=[Tensor("QUERY", S, (1,), True), Tensor("REQUEST_OUTPUT_LEN", I32, (1,), True),

@@ -307,6 +307,7 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
         return args
     mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]
     # NCCL between the ranks of a tensor-parallel engine needs the host's IPC namespace, unlimited
-    # locked memory and a large stack (TensorRT-LLM's docker/Makefile runs its containers so).
-    return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host", "--shm-size=2g",
+    # locked memory and a large stack (TensorRT-LLM's docker/Makefile runs its containers so). The host's
+    # IPC namespace brings the host's /dev/shm, so no --shm-size: docker ignores it there, podman refuses it.
+    return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host",
             "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", *mounts, image, *args]

@@ -59,6 +59,14 @@ def test_sampling_params_are_validated_before_any_call(kwargs, message):
     assert message in str(e.value)
 
 
+def test_prompt_and_max_tokens_must_fit_the_sequence_length_exactly():
+    from client.limits import sampling_problems
+
+    assert sampling_problems(max_tokens=48, prompt_tokens=2000, max_seq_len=2048) == []
+    assert sampling_problems(max_tokens=49, prompt_tokens=2000, max_seq_len=2048) == [
+        "the prompt (2000 tokens) + max_tokens (49) exceeds the engine's maximum sequence length 2048"]
+
+
 def test_message_roles_are_validated():
     with pytest.raises(ValueError, match="role must be one of"):
         Message("robot", "hi")

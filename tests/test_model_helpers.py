@@ -3,13 +3,16 @@ TensorRT-LLM's words lists, the CPU server's cancel channel."""
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from model_repo.triton_models.common import CancelListener, CancelSender, StopText, from_words_list, to_words_list
+from model_repo.triton_models.common import (CancelListener, CancelSender, InnerRequestIds, StopText, engine_sampling,
+                                             from_words_list, to_words_list)
 
 TEXT = "The capital of France is Paris. Paris is big.\nEnd of story."
 
@@ -86,3 +89,25 @@ def test_the_cancel_channel_takes_datagrams_only_from_stubs_of_the_same_server()
         assert got == ["mine#1"]
     finally:
         listener.close()
+
+
+def test_greedy_reaches_the_engine_as_top_k_1_without_a_temperature():
+    """TensorRT-LLM scales logits by 1 / (temperature + 1e-6): temperature 0 must not reach it."""
+    greedy = engine_sampling({"temperature": 0.0, "top_p": 0.9, "seed": 7})
+    assert set(greedy) == {"runtime_top_k", "runtime_top_p", "seed"}
+    assert greedy["runtime_top_k"].tolist() == [[1]] and greedy["runtime_top_k"].dtype == np.int32
+    assert greedy["seed"].dtype == np.uint64
+    sampled = engine_sampling({"temperature": 0.7, "top_k": 40})
+    assert sampled["temperature"].tolist() == [[np.float32(0.7)]] and sampled["runtime_top_k"].tolist() == [[40]]
+    assert engine_sampling({}) == {}
+
+
+def test_inner_request_ids_differ_between_bls_instances_for_one_caller_id():
+    """Each BLS instance is a process; the backend's stop request is keyed by the inner id alone."""
+    code = "from model_repo.triton_models.common import InnerRequestIds; print(InnerRequestIds().next('same'))"
+    others = {subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+              for _ in range(2)}
+    ids = InnerRequestIds()
+    here = [ids.next("same"), ids.next("same"), ids.next(None)]
+    assert len(others | set(here)) == 5
+    assert all(i.startswith("same#") for i in [*others, *here[:2]]) and here[2].startswith("bls#")

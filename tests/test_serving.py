@@ -253,6 +253,21 @@ def test_an_out_of_range_max_tokens_gets_one_message_from_every_path(smol_server
         assert str(e.value) == messages[0]
 
 
+def test_a_prompt_and_max_tokens_over_the_sequence_length_get_one_message_from_every_path(smol_server):
+    """TensorRT-LLM would cut max_tokens to fit max_seq_len and only log it: the deployment refuses instead,
+    with one message from the ensemble, the BLS and the CPU tensorrt_llm."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_server.repo / "preprocessing" / "tokenizer")
+    prompt = format_chatml([Message("user", "word " * 1000)])
+    n = len(tok(prompt)["input_ids"])
+    errors = [stream_call(smol_server.grpc_url, m, inputs(prompt, 2048 - n + 1, True))[1]
+              for m in ("ensemble", "tensorrt_llm_bls")]
+    _, direct = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(tok(prompt)["input_ids"], 2048 - n + 1))
+    want = f"the prompt ({n} tokens) + max_tokens ({2048 - n + 1}) exceeds the engine's maximum sequence length 2048"
+    assert all(e is not None and want in e for e in (*errors, direct)), (errors, direct)
+
+
 @pytest.mark.parametrize("prompt, message", [
     (format_chatml([Message("user", "word " * 5000)]), "the engine accepts at most"),
     ("", "text_input is empty"),

@@ -40,6 +40,7 @@ from build_engine import UserError, manifest
 from build_engine.cpu.decoder import Decoder
 from build_engine.cpu.sampling import Sampler, Sampling
 from build_engine.tokenization import Detokenizer, load_tokenizer
+from client.limits import check_sampling
 
 DEFAULT_PREFILL_CHUNK = 128
 
@@ -183,9 +184,7 @@ class CpuEngine:
             raise ValueError("the prompt is empty")
         if n > self.limits["max_input_len"]:
             raise ValueError(f"the prompt has {n} tokens; this engine accepts at most {self.limits['max_input_len']}")
-        if n + sampling.max_tokens > self.context_length:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's "
-                             f"maximum sequence length {self.context_length}")
+        check_sampling(max_tokens=sampling.max_tokens, prompt_tokens=n, max_seq_len=self.context_length)
         if n + sampling.max_tokens > self.kv_cache_tokens:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the KV cache "
                              f"budget of {self.kv_cache_tokens} tokens")

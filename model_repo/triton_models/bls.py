@@ -10,7 +10,6 @@ them for the ensemble."""
 
 import collections
 import dataclasses
-import itertools
 import threading
 
 import numpy as np
@@ -18,9 +17,10 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelSender, PromptEncoder,
-                                             StopText, check_no_parameters, failure_message, params, refusal, scalar,
-                                             strings, to_words_list)
+from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelCheck, CancelSender,
+                                             InnerRequestIds, PromptEncoder, StopText, check_no_parameters,
+                                             engine_sampling, failure_message, params, refusal, scalar, strings,
+                                             to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
@@ -29,13 +29,6 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # in r24.12), which corrupts the stub's heap under load ("malloc(): unaligned tcache chunk detected",
 # then "Stub process is not healthy"). For the same reason every inner stream is read to its end.
 _KEEP: collections.deque = collections.deque(maxlen=256)  # some 128 requests: seconds at any load
-# Ensemble-style input name -> tensorrt_llm input name, dtype
-FORWARD = {
-    "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
-    "temperature": ("temperature", np.float32), "repetition_penalty": ("repetition_penalty", np.float32),
-    "presence_penalty": ("presence_penalty", np.float32), "frequency_penalty": ("frequency_penalty", np.float32),
-    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64),
-}
 
 
 class TritonPythonModel:
@@ -44,14 +37,14 @@ class TritonPythonModel:
         self.tok = load_tokenizer(p["tokenizer_dir"])
         self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
-        self.max_output_len = int(p["max_output_len"])
+        self.max_output_len, self.max_seq_len = int(p["max_output_len"]), int(p["max_seq_len"])
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
         # CPU deployments only (Triton 2.51): see common.FAILURE_MARKER.
         self.failure_marker = p.get("engine_failure_marker", "false") == "true"
         # CPU deployments only (Triton 2.51): see common.cancel_address.
         self.cancel = CancelSender(self.llm) if p.get("engine_cancel_channel", "false") == "true" else None
 
-    _ids = itertools.count()
+    _ids = InnerRequestIds()
 
     def execute(self, requests):
         for request in requests:
@@ -62,9 +55,9 @@ class TritonPythonModel:
         max_tokens = scalar(pb_utils, request, "max_tokens")
         if max_tokens is None:
             raise BadRequest("max_tokens is required")
-        given = {name: scalar(pb_utils, request, name) for name in FORWARD}
-        check_sampling(max_tokens=max_tokens, max_output_len=self.max_output_len,
-                       **{k: v for k, v in given.items() if v is not None})
+        given = {name: v for name in SAMPLING_TO_ENGINE if (v := scalar(pb_utils, request, name)) is not None}
+        check_sampling(max_tokens=max_tokens, max_output_len=self.max_output_len, prompt_tokens=len(ids),
+                       max_seq_len=self.max_seq_len, **given)
         tensors = [
             pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", np.array([[len(ids)]], dtype=np.int32)),
@@ -74,16 +67,14 @@ class TritonPythonModel:
             pb_utils.Tensor("end_id", np.array([[end_id]], dtype=np.int32)),
             pb_utils.Tensor("pad_id", np.array([[pad_id]], dtype=np.int32)),
         ]
-        for name, (target, dtype) in FORWARD.items():
-            v = given[name]
-            if v is not None:
-                tensors.append(pb_utils.Tensor(target, np.array([[v]], dtype=dtype)))
+        for name, v in engine_sampling(given).items():
+            tensors.append(pb_utils.Tensor(name, v))
         for name, target in (("stop_words", "stop_words_list"), ("bad_words", "bad_words_list")):
             words = strings(pb_utils, request, name)
             if words:
                 tensors.append(pb_utils.Tensor(target, to_words_list(self.tok, words)[None]))
         # The engine request's id carries the caller's, so the engine's log lines can be traced to it.
-        rid = f"{request.request_id() or 'bls'}#{next(self._ids)}" + (FAILURE_MARKER if self.failure_marker else "")
+        rid = self._ids.next(request.request_id()) + (FAILURE_MARKER if self.failure_marker else "")
         return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=rid,
                                          requested_output_names=["output_ids", "sequence_length"])
 

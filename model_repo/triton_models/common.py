@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -63,6 +64,44 @@ def from_words_list(arr: np.ndarray) -> list[list[int]]:
         out.append([int(i) for i in ids[start:end]])
         start = end
     return [w for w in out if w]
+
+
+# Ensemble-style sampling input -> tensorrt_llm input, dtype
+SAMPLING_TO_ENGINE = {
+    "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
+    "temperature": ("temperature", np.float32), "repetition_penalty": ("repetition_penalty", np.float32),
+    "presence_penalty": ("presence_penalty", np.float32), "frequency_penalty": ("frequency_penalty", np.float32),
+    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64),
+}
+
+
+def engine_sampling(given: dict) -> dict[str, np.ndarray]:
+    """The tensorrt_llm sampling tensors ([1, 1] each) for the values a caller gave, by ensemble name.
+
+    Greedy (temperature 0) goes to the engine as top-k 1 without a temperature: TensorRT-LLM accepts
+    temperature 0 (SamplingConfig::checkTemperature, >= 0) but its sampling kernels scale the logits by
+    1 / (temperature + 1e-6) (cpp/tensorrt_llm/kernels/penaltyKernels.cu, TensorRT-LLM 1.x), so 0 would
+    turn into top-p sampling over logits multiplied by a million; top-k 1 is the backend's own greedy."""
+    values = dict(given)
+    if values.get("temperature") == 0:
+        del values["temperature"]
+        values["top_k"] = 1
+    return {target: np.array([[values[name]]], dtype=dtype)
+            for name, (target, dtype) in SAMPLING_TO_ENGINE.items() if name in values}
+
+
+class InnerRequestIds:
+    """Ids for the BLS's requests to tensorrt_llm: the caller's id (for tracing in the engine's log), this
+    process and a serial number. TensorRT-LLM's backend keys a stop request by this id alone and keeps
+    one request per id (model_instance_state.cc, mTritonRequestIdToRequestIds, TensorRT-LLM 1.2.x), and
+    every BLS instance is a process of its own: without the process, two callers that send the same id
+    (or none) through two instances would share one, and one's cancellation would end the other."""
+
+    def __init__(self):
+        self._serial = itertools.count()
+
+    def next(self, caller_id: str | None) -> str:
+        return f"{caller_id or 'bls'}#{os.getpid()}.{next(self._serial)}"
 
 
 class BadRequest(ValueError):

@@ -15,7 +15,7 @@ class TritonPythonModel:
         self.tok = load_tokenizer(p["tokenizer_dir"])
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
         self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
-        self.max_output_len = int(p["max_output_len"])
+        self.max_output_len, self.max_seq_len = int(p["max_output_len"]), int(p["max_seq_len"])
 
     def _one(self, request):
         check_no_parameters(request)  # the ensemble passes its request's parameters to each step
@@ -23,7 +23,8 @@ class TritonPythonModel:
         out_len = scalar(pb_utils, request, "REQUEST_OUTPUT_LEN")
         if out_len is None:
             raise BadRequest("max_tokens is required")
-        check_sampling(max_tokens=out_len, max_output_len=self.max_output_len)  # the backend would take any
+        check_sampling(max_tokens=out_len, max_output_len=self.max_output_len,  # the backend would take any
+                       prompt_tokens=len(ids), max_seq_len=self.max_seq_len)
         end_id = scalar(pb_utils, request, "END_ID", self.end_id)
         pad_id = scalar(pb_utils, request, "PAD_ID", self.pad_id)
         tensors = [

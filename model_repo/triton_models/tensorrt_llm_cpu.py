@@ -45,7 +45,6 @@ class TritonPythonModel:
                                 kv_cache_tokens=int(budget) if budget else None, max_queue_size=queue)
         self.metrics = EngineMetrics(self.engine, args["model_name"], args["model_version"])
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
-        self.max_output_len = self.engine.context_length
         self.live = {}  # request id -> engine stream, for stop requests and the cancel channel
         self.cancel_listener = CancelListener(args["model_name"], self._cancel)
 
