@@ -124,6 +124,7 @@ WORKLOAD_OPTIONS = {
     "burstiness": dict(type=float, default=1.0),
     "dataset": dict(help="ShareGPT-format JSON file of conversations"),
     "warmup": dict(type=int, default=1),
+    "temperature": dict(type=float, default=0.0, help="0: greedy (default); above 0: sampled, as chat clients ask"),
 }
 
 
@@ -179,14 +180,14 @@ def parser() -> argparse.ArgumentParser:
                        **example("python -m benchmarks engine --engine artifacts/smol/engine-cpu --concurrency 1,4,8"))
     s.add_argument("--engine", required=True)
     s.add_argument("--concurrency", default="1,4,8")
-    _workload_options(s, "num_prompts", "input_words", "output_len")
+    _workload_options(s, "num_prompts", "input_words", "output_len", "temperature")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_engine)
     s = sub.add_parser("suite", help="make bench: CPU demo deployment, concurrency 1/4/8",
                        **example("python -m benchmarks suite --repo artifacts/smol/model_repository --out results"))
     s.add_argument("--repo", required=True)
     s.add_argument("--engine", help="the engine to time alone (default: the repository manifest's)")
-    _workload_options(s, "num_prompts", "input_len", "output_len", input_len={"default": 64})
+    _workload_options(s, "num_prompts", "input_len", "output_len", "temperature", input_len={"default": 64})
     s.add_argument("--rounds", type=int, default=2, help="interleaved rounds of served and engine-only runs")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_suite)

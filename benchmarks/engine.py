@@ -13,12 +13,12 @@ from benchmarks.runner import Workload, prompts_for, record_sync, result
 from client import Chunk, Message, format_chatml
 
 
-def one_request(engine, ids: list[int], output_len: int, clock=time.perf_counter) -> RequestOutput:
+def one_request(engine, ids: list[int], sampling: dict, clock=time.perf_counter) -> RequestOutput:
     from build_engine.cpu import Sampling
 
     def chunks():
         n_tokens = 0
-        for step in engine.submit(ids, Sampling(max_tokens=output_len, min_tokens=output_len)):
+        for step in engine.submit(ids, Sampling(**sampling)):
             if step.error:
                 raise RuntimeError(step.error)
             n_tokens += step.token_id is not None
@@ -40,12 +40,12 @@ class EngineRunner:
 
     def warm_up(self) -> None:
         for ids in self.prompts[: self.workload.warmup]:
-            one_request(self.engine, ids, self.workload.output_len)
+            one_request(self.engine, ids, self.workload.sampling())
 
     def run(self, concurrency: int) -> tuple[list[RequestOutput], float]:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            outputs = list(pool.map(lambda ids: one_request(self.engine, ids, self.workload.output_len),
+            outputs = list(pool.map(lambda ids: one_request(self.engine, ids, self.workload.sampling()),
                                     self.prompts))
         return outputs, time.perf_counter() - t0
 

@@ -27,6 +27,12 @@ class Workload:
     tokenizer: str | None = None  # the served model's tokenizer folder
     warmup: int = 1
     seed: int = 0
+    temperature: float = 0.0  # 0: greedy; sampling costs the engine more per token than an arg-max
+
+    def sampling(self) -> dict:
+        """Every request's generation parameters, built here once for every transport and the engine alone:
+        the output length is fixed (EOS ignored via min_tokens)."""
+        return {"max_tokens": self.output_len, "min_tokens": self.output_len, "temperature": self.temperature}
 
 
 @dataclass(frozen=True)
@@ -92,16 +98,17 @@ def record_sync(chunks, clock=time.perf_counter) -> RequestOutput:
         return rec.failed(e)
 
 
-async def one_request(client: AsyncClient, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
-    return await record(client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len), clock)
+async def one_request(client: AsyncClient, prompt: str, sampling: dict, clock=time.perf_counter) -> RequestOutput:
+    return await record(client.stream([Message("user", prompt)], **sampling), clock)
 
 
-async def openai_chunks(client, model: str, prompt: str, output_len: int):
+async def openai_chunks(client, model: str, prompt: str, sampling: dict):
     """An OpenAI-compatible server's chat stream as Chunks; token counts from `usage` when it is sent.
     `min_tokens` (vLLM's and this project's extension) fixes the output length."""
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=output_len, stream=True,
-        stream_options={"include_usage": True}, extra_body={"min_tokens": output_len})
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=sampling["max_tokens"],
+        temperature=sampling["temperature"], stream=True, stream_options={"include_usage": True},
+        extra_body={"min_tokens": sampling["min_tokens"]})
     async for c in stream:
         for choice in c.choices:
             yield Chunk(choice.delta.content or "", choice.finish_reason)
@@ -109,9 +116,9 @@ async def openai_chunks(client, model: str, prompt: str, output_len: int):
             yield Chunk("", None, c.usage.prompt_tokens, c.usage.completion_tokens)
 
 
-def one_request_sync(client: Client, prompt: str, output_len: int, clock=time.perf_counter) -> RequestOutput:
+def one_request_sync(client: Client, prompt: str, sampling: dict, clock=time.perf_counter) -> RequestOutput:
     """The same over the blocking client (the HTTP transport)."""
-    return record_sync(client.stream([Message("user", prompt)], max_tokens=output_len, min_tokens=output_len), clock)
+    return record_sync(client.stream([Message("user", prompt)], **sampling), clock)
 
 
 def _gaps(w: Workload, rng: random.Random):
@@ -163,16 +170,16 @@ async def run(target: Target, w: Workload, concurrency: int) -> tuple[list[Reque
     sem = asyncio.Semaphore(concurrency)
     if target.protocol == "http":
         sync = Client(target.url, model=target.model, protocol="http")
-        call = lambda p: asyncio.to_thread(one_request_sync, sync, p, w.output_len)  # noqa: E731
+        call = lambda p: asyncio.to_thread(one_request_sync, sync, p, w.sampling())  # noqa: E731
         client = None
     elif target.protocol == "openai":
         import openai
 
         client = openai.AsyncOpenAI(base_url=target.url, api_key=target.api_key or "unused", max_retries=0)
-        call = lambda p: record(openai_chunks(client, target.model, p, w.output_len))  # noqa: E731
+        call = lambda p: record(openai_chunks(client, target.model, p, w.sampling()))  # noqa: E731
     else:
         client = AsyncClient(target.url, model=target.model)
-        call = lambda p: one_request(client, p, w.output_len)  # noqa: E731
+        call = lambda p: one_request(client, p, w.sampling())  # noqa: E731
     try:
         for p in prompts[: w.warmup]:
             await call(p)

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import roofline
 from benchmarks.metrics import RequestOutput, calculate_metrics
-from benchmarks.runner import one_request
+from benchmarks.runner import Workload, one_request
 from client import Chunk
 
 
@@ -19,6 +19,7 @@ class FakeClient:
         self.chunks, self.fail = chunks, fail
 
     async def stream(self, messages, **params):
+        self.params = params
         for c in self.chunks:
             yield c
         if self.fail:
@@ -33,7 +34,9 @@ def scripted_clock(times):
 def test_request_timing_invariants_with_a_scripted_clock():
     chunks = [Chunk("a"), Chunk(" b"), Chunk(" c"), Chunk("", "length", 7, 3)]
     clock = scripted_clock([10.0, 10.5, 10.6, 10.8, 10.8])  # send, then one reading per chunk
-    out = asyncio.run(one_request(FakeClient(chunks), "p", 3, clock))
+    client = FakeClient(chunks)
+    out = asyncio.run(one_request(client, "p", Workload(output_len=3, temperature=0.8).sampling(), clock))
+    assert client.params == {"max_tokens": 3, "min_tokens": 3, "temperature": 0.8}
     assert out.success and out.ttft_s == pytest.approx(0.5)
     assert out.itl_s == pytest.approx([0.1, 0.2])
     assert out.latency_s - out.ttft_s == pytest.approx(sum(out.itl_s))  # latency - TTFT = sum(ITL)
@@ -60,7 +63,8 @@ def test_every_transport_records_a_request_alike():
 
 
 def test_a_failed_request_is_counted_not_raised():
-    out = asyncio.run(one_request(FakeClient([Chunk("a")], fail=True), "p", 3, scripted_clock([0.0, 0.1])))
+    out = asyncio.run(one_request(FakeClient([Chunk("a")], fail=True), "p", Workload(output_len=3).sampling(),
+                                  scripted_clock([0.0, 0.1])))
     assert not out.success and "connection reset" in out.error
     m = calculate_metrics([out, RequestOutput(True, 0.1, [0.05], 0.2, 5, 3)], duration_s=2.0)
     assert m["completed"] == 1 and m["failed"] == 1

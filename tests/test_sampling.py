@@ -74,3 +74,19 @@ def test_a_seed_reproduces_and_frequencies_follow_the_distribution():
     p /= p.sum()
     freq = np.bincount(draws, minlength=V) / len(draws)
     assert np.abs(freq - p).max() < 0.03
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 8.0], ids=["flat", "normal", "peaked"])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_the_nucleus_without_a_full_sort_is_the_full_sorts_nucleus(scale, top_p):
+    """On a vocabulary large enough for the partial sorts: the same tokens as sorting everything."""
+    from build_engine.cpu.sampling import _nucleus
+
+    z = (np.random.default_rng(11).normal(size=32064) * scale).astype(np.float32)
+    p = np.exp(z - z.max())
+    order = np.argsort(-p.astype(np.float64), kind="stable")
+    mass = np.cumsum(p[order].astype(np.float64)) / p.sum(dtype=np.float64)
+    want = order[: int(np.searchsorted(mass, top_p)) + 1]
+    got = _nucleus(z, p, top_p)
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    assert np.all(np.diff(p[got]) <= 0)  # most likely first

@@ -86,29 +86,41 @@ class Sampler:
     def ends_with_stop_word(self) -> bool:
         return any(self.history[-len(w):] == list(w) for w in self.s.stop_words)
 
+    def _draw(self, x: np.ndarray) -> int:
+        """A draw from softmax(x) restricted to the top-k tokens, then to the nucleus. No full sort of the
+        vocabulary: it costs more than a decode step at 32k-50k tokens, and a draw needs no order."""
+        s = self.s
+        cand = np.sort(np.argpartition(x, -s.top_k)[-s.top_k:]) if 0 < s.top_k < x.size else None  # ascending ids
+        z = x if cand is None else x[cand]
+        p = np.exp(z - z.max())  # unnormalized; banned tokens (-inf) get 0
+        keep = _nucleus(z, p, s.top_p) if s.top_p < 1 else None
+        cum = np.cumsum(p if keep is None else p[keep], dtype=np.float64)
+        j = min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), cum.size - 1)
+        i = j if keep is None else keep[j]
+        return int(i if cand is None else cand[i])
+
     def next_token(self, logits: np.ndarray) -> int:
         """The next token from one row of logits [V]; records it as generated."""
         x = self._adjust(logits)
         s = self.s
-        if s.greedy:
-            token = int(np.argmax(x))
-        else:
-            x /= s.temperature
-            if 0 < s.top_k < x.size:
-                kth = np.argpartition(x, -s.top_k)[-s.top_k:]
-                keep = np.full(x.size, -np.inf, dtype=np.float32)
-                keep[kth] = x[kth]
-                x = keep
-            order = np.argsort(-x, kind="stable")
-            p = np.exp(x[order] - x[order[0]])
-            p /= p.sum()
-            if s.top_p < 1:
-                cut = int(np.searchsorted(np.cumsum(p), s.top_p)) + 1  # smallest prefix with mass >= top_p
-                p = p[:cut] / p[:cut].sum()
-            token = int(order[min(int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right")), p.size - 1)])
+        token = int(np.argmax(x)) if s.greedy else self._draw(x / s.temperature)
         self.generated += 1
         self.history.append(token)
         if self._penalize:
             self.counts[token] += 1
             self.seen[token] = True
         return token
+
+
+def _nucleus(z: np.ndarray, p: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
+    """The fewest most likely entries (logits `z`, unnormalized probabilities `p`) whose mass reaches
+    `top_p`, most likely first. A peaked distribution (the usual case) needs only its top `first` entries
+    sorted; a flat one gets one wider try, then a full sort."""
+    total = p.sum(dtype=np.float64)
+    for k in (first, 16 * first, z.size):
+        k = min(k, z.size)
+        top = np.argpartition(-z, k - 1)[:k] if k < z.size else np.arange(z.size)
+        top = top[np.argsort(-z[top])]
+        mass = np.cumsum(p[top], dtype=np.float64) / total
+        if mass[-1] >= top_p or k == z.size:
+            return top[:min(int(np.searchsorted(mass, top_p)) + 1, k)]
