@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model_repo.triton_models.common import (CancelListener, CancelSender, InnerRequestIds, StopText, engine_sampling,
-                                             from_words_list, to_words_list)
+                                             from_words_list, tensorrt_llm_search, to_words_list)
 
 TEXT = "The capital of France is Paris. Paris is big.\nEnd of story."
 
@@ -93,13 +93,22 @@ def test_the_cancel_channel_takes_datagrams_only_from_stubs_of_the_same_server()
 
 def test_greedy_reaches_the_engine_as_top_k_1_without_a_temperature():
     """TensorRT-LLM scales logits by 1 / (temperature + 1e-6): temperature 0 must not reach it."""
-    greedy = engine_sampling({"temperature": 0.0, "top_p": 0.9, "seed": 7})
-    assert set(greedy) == {"runtime_top_k", "runtime_top_p", "seed"}
-    assert greedy["runtime_top_k"].tolist() == [[1]] and greedy["runtime_top_k"].dtype == np.int32
-    assert greedy["seed"].dtype == np.uint64
-    sampled = engine_sampling({"temperature": 0.7, "top_k": 40})
-    assert sampled["temperature"].tolist() == [[np.float32(0.7)]] and sampled["runtime_top_k"].tolist() == [[40]]
-    assert engine_sampling({}) == {}
+    for given in ({"temperature": 0.0, "top_p": 0.9, "seed": 7}, {"seed": 7}, {"temperature": 0.8, "top_k": 1, "seed": 7}):
+        greedy = engine_sampling(given)
+        assert set(greedy) == {"runtime_top_k", "seed"}, given
+        assert greedy["runtime_top_k"].tolist() == [[1]] and greedy["runtime_top_k"].dtype == np.int32
+        assert greedy["seed"].dtype == np.uint64
+        assert tensorrt_llm_search(1.0, 1, 0.0) == {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+
+
+def test_sampling_carries_temperature_top_k_and_top_p_so_the_engine_cannot_read_it_as_greedy():
+    """A temperature alone would be greedy under TensorRT-LLM's defaults (top-k 0, top-p 0)."""
+    sampled = engine_sampling({"temperature": 0.7})
+    assert {k: v.item() for k, v in sampled.items()} == {"temperature": np.float32(0.7), "runtime_top_k": 0,
+                                                           "runtime_top_p": 1.0}
+    assert tensorrt_llm_search(0.7, 0, 0.0) == {"temperature": 0.0}  # what the engine makes of a temperature alone
+    assert tensorrt_llm_search(0.7, 0, 1.0) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    assert tensorrt_llm_search(0.7, 40, 0.0) == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}  # plain top-k
 
 
 def test_inner_request_ids_differ_between_bls_instances_for_one_caller_id():

@@ -216,6 +216,22 @@ def test_cancelled_stream_stops_generation_and_the_next_request_is_served(smol_s
     assert err is None and "Paris" in "".join(pieces)
 
 
+def test_a_temperature_alone_is_greedy_for_the_engine_and_sampled_through_the_bls(smol_server):
+    """TensorRT-LLM's defaults (top-k 0, top-p 0: greedy) hold for the ensemble, which passes sampling values
+    straight to tensorrt_llm, and the CPU stand-in follows them; the BLS means what the client means."""
+    prompt = format_chatml([Message("user", "Write a short poem about the sea.")])
+
+    def text(model, seed=None):
+        extra = {} if seed is None else {"temperature": (1.0, "FP32"), "seed": (seed, "UINT64")}
+        pieces, err = stream_call(smol_server.grpc_url, model, inputs(prompt, 24, False, **extra))
+        assert err is None, err
+        return "".join(pieces)
+
+    greedy = text("ensemble")
+    assert {text("ensemble", seed) for seed in (1, 2, 3)} == {greedy}
+    assert len({text("tensorrt_llm_bls", seed) for seed in (1, 2, 3)}) > 1
+
+
 BAD = [
     ("empty prompt", dict(prompt=""), "text_input is empty"),
     ("max_tokens zero", dict(max_tokens=0), "max_tokens must be an integer >= 1 (got 0)"),

@@ -21,7 +21,7 @@ def inputs(prompt: str, max_tokens: int = 32, stream: bool = False, **extra):
            t("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
            t("stream", np.array([[stream]]), "BOOL")]
     for name, (value, dtype) in extra.items():
-        out.append(t(name, np.array([[value]], dtype={"INT32": np.int32, "FP32": np.float32,
+        out.append(t(name, np.array([[value]], dtype={"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64,
                                                       "BOOL": np.bool_, "BYTES": object}[dtype]), dtype))
     return out
 

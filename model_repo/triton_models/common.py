@@ -75,17 +75,35 @@ SAMPLING_TO_ENGINE = {
 }
 
 
-def engine_sampling(given: dict) -> dict[str, np.ndarray]:
-    """The tensorrt_llm sampling tensors ([1, 1] each) for the values a caller gave, by ensemble name.
+def tensorrt_llm_search(temperature: float, top_k: int, top_p: float) -> dict:
+    """TensorRT-LLM's sampling rule for what a request gives or leaves out: absent values are temperature 1,
+    top-k 0 and top-p 0 (cpp/tensorrt_llm/layers/defaultDecodingParams.h); top-k 0 with top-p 0
+    is greedy, whatever the temperature, and top-k > 0 with top-p 0 is plain top-k (setupTopKRuntimeArgs in
+    cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, TensorRT-LLM 1.x). So a request with a temperature
+    alone is greedy there, and here too."""
+    if top_k == 0 and top_p == 0:
+        return {"temperature": 0.0}
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p or 1.0}
 
-    Greedy (temperature 0) goes to the engine as top-k 1 without a temperature: TensorRT-LLM accepts
-    temperature 0 (SamplingConfig::checkTemperature, >= 0) but its sampling kernels scale the logits by
-    1 / (temperature + 1e-6) (cpp/tensorrt_llm/kernels/penaltyKernels.cu, TensorRT-LLM 1.x), so 0 would
-    turn into top-p sampling over logits multiplied by a million; top-k 1 is the backend's own greedy."""
+
+def engine_sampling(given: dict) -> dict[str, np.ndarray]:
+    """The tensorrt_llm sampling tensors ([1, 1] each) for the values a caller gave, by ensemble name, with
+    this deployment's meaning (the Python client's): temperature 0 (the default) is greedy,
+    top_p defaults to 1 and top_k to 0 (off).
+
+    TensorRT-LLM reads them otherwise (tensorrt_llm_search): absent values are temperature 1, top-k 0,
+    top-p 0, and top-k 0 with top-p 0 is greedy. So greedy goes to the engine
+    as top-k 1 (temperature 0 would also be allowed there, SamplingConfig::checkTemperature, but its
+    kernels scale the logits by 1 / (temperature + 1e-6), cpp/tensorrt_llm/kernels/penaltyKernels.cu), and
+    sampling always carries its temperature, top-k and top-p."""
     values = dict(given)
-    if values.get("temperature") == 0:
-        del values["temperature"]
+    if values.get("temperature", 0.0) == 0 or values.get("top_k") == 1:
+        values.pop("temperature", None)
+        values.pop("top_p", None)
         values["top_k"] = 1
+    else:
+        values.setdefault("top_k", 0)
+        values.setdefault("top_p", 1.0)
     return {target: np.array([[values[name]]], dtype=dtype)
             for name, (target, dtype) in SAMPLING_TO_ENGINE.items() if name in values}
 

@@ -19,7 +19,8 @@ import triton_python_backend_utils as pb_utils
 from build_engine.cpu import CpuEngine, QueueFull, Sampling
 from model_repo import backend_contract
 from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelListener,
-                                             failure_response, from_words_list, params, refusal, scalar)
+                                             failure_response, from_words_list, params, refusal, scalar,
+                                             tensorrt_llm_search)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -65,10 +66,11 @@ class TritonPythonModel:
         if max_tokens is None:
             raise BadRequest("request_output_len is not present in the request")
         end_id = None if val("end_id") is None else int(val("end_id"))
+        search = tensorrt_llm_search(float(val("temperature", 1.0)), int(val("runtime_top_k", 0)),
+                                     float(val("runtime_top_p", 0.0)))
         try:
             return Sampling(
-                max_tokens=int(max_tokens), temperature=float(val("temperature", 0.0)),
-                top_k=int(val("runtime_top_k", 0)), top_p=float(val("runtime_top_p", 1.0)),
+                max_tokens=int(max_tokens), **search,
                 min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
                 presence_penalty=float(val("presence_penalty", 0.0)),
                 frequency_penalty=float(val("frequency_penalty", 0.0)),
