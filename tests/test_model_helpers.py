@@ -93,7 +93,8 @@ def test_the_cancel_channel_takes_datagrams_only_from_stubs_of_the_same_server()
 
 def test_greedy_reaches_the_engine_as_top_k_1_without_a_temperature():
     """TensorRT-LLM scales logits by 1 / (temperature + 1e-6): temperature 0 must not reach it."""
-    for given in ({"temperature": 0.0, "top_p": 0.9, "seed": 7}, {"seed": 7}, {"temperature": 0.8, "top_k": 1, "seed": 7}):
+    for given in ({"temperature": 0.0, "top_p": 0.9, "seed": 7}, {"seed": 7},
+                  {"temperature": 0.8, "top_k": 1, "seed": 7}):
         greedy = engine_sampling(given)
         assert set(greedy) == {"runtime_top_k", "seed"}, given
         assert greedy["runtime_top_k"].tolist() == [[1]] and greedy["runtime_top_k"].dtype == np.int32
