@@ -104,9 +104,11 @@ def test_greedy_reaches_the_engine_as_top_k_1_without_a_temperature():
 
 def test_sampling_carries_temperature_top_k_and_top_p_so_the_engine_cannot_read_it_as_greedy():
     """A temperature alone would be greedy under TensorRT-LLM's defaults (top-k 0, top-p 0)."""
-    sampled = engine_sampling({"temperature": 0.7})
-    assert {k: v.item() for k, v in sampled.items()} == {"temperature": np.float32(0.7), "runtime_top_k": 0,
-                                                           "runtime_top_p": 1.0}
+    sampled = {k: v.item() for k, v in engine_sampling({"temperature": 0.7}).items()}
+    seed = sampled.pop("seed")  # a fresh one: TensorRT-LLM would seed every request with 0
+    assert sampled == {"temperature": np.float32(0.7), "runtime_top_k": 0, "runtime_top_p": 1.0}
+    assert engine_sampling({"temperature": 0.7})["seed"].item() != seed
+    assert engine_sampling({"temperature": 0.7, "seed": 5})["seed"].item() == 5
     assert tensorrt_llm_search(0.7, 0, 0.0) == {"temperature": 0.0}  # what the engine makes of a temperature alone
     assert tensorrt_llm_search(0.7, 0, 1.0) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
     assert tensorrt_llm_search(0.7, 40, 0.0) == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}  # plain top-k

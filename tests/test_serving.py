@@ -232,6 +232,21 @@ def test_a_temperature_alone_is_greedy_for_the_engine_and_sampled_through_the_bl
     assert len({text("tensorrt_llm_bls", seed) for seed in (1, 2, 3)}) > 1
 
 
+def test_a_sampled_request_without_a_seed_is_seeded_with_0_by_the_engine_and_afresh_by_the_bls(smol_server):
+    """TensorRT-LLM seeds a request that has no seed with 0: two like ones draw the same reply through the
+    ensemble (and the CPU stand-in does the same); the BLS gives each its own seed."""
+    prompt = format_chatml([Message("user", "Write a short poem about the sea.")])
+    sampled = {"temperature": (1.0, "FP32"), "top_p": (1.0, "FP32")}
+
+    def text(model):
+        pieces, err = stream_call(smol_server.grpc_url, model, inputs(prompt, 24, False, **sampled))
+        assert err is None, err
+        return "".join(pieces)
+
+    assert text("ensemble") == text("ensemble")
+    assert len({text("tensorrt_llm_bls") for _ in range(3)}) > 1
+
+
 BAD = [
     ("empty prompt", dict(prompt=""), "text_input is empty"),
     ("max_tokens zero", dict(max_tokens=0), "max_tokens must be an integer >= 1 (got 0)"),

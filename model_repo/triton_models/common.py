@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -86,6 +87,10 @@ def tensorrt_llm_search(temperature: float, top_k: int, top_p: float) -> dict:
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p or 1.0}
 
 
+# A request without a seed: TensorRT-LLM's sampling layers seed it with 0 (defaultDecodingParams.h, getSeed).
+TENSORRT_LLM_DEFAULT_SEED = 0
+
+
 def engine_sampling(given: dict) -> dict[str, np.ndarray]:
     """The tensorrt_llm sampling tensors ([1, 1] each) for the values a caller gave, by ensemble name, with
     this deployment's meaning (the Python client's): temperature 0 (the default) is greedy,
@@ -95,7 +100,9 @@ def engine_sampling(given: dict) -> dict[str, np.ndarray]:
     top-p 0, and top-k 0 with top-p 0 is greedy. So greedy goes to the engine
     as top-k 1 (temperature 0 would also be allowed there, SamplingConfig::checkTemperature, but its
     kernels scale the logits by 1 / (temperature + 1e-6), cpp/tensorrt_llm/kernels/penaltyKernels.cu), and
-    sampling always carries its temperature, top-k and top-p."""
+    sampling always carries its temperature, top-k and top-p, and a seed: without one TensorRT-LLM seeds
+    every request with 0 (its sampling layers' setup, "Initialize curand states using the default seed 0"),
+    and two like requests would draw the same reply."""
     values = dict(given)
     if values.get("temperature", 0.0) == 0 or values.get("top_k") == 1:
         values.pop("temperature", None)
@@ -104,6 +111,7 @@ def engine_sampling(given: dict) -> dict[str, np.ndarray]:
     else:
         values.setdefault("top_k", 0)
         values.setdefault("top_p", 1.0)
+        values.setdefault("seed", secrets.randbits(64))
     return {target: np.array([[values[name]]], dtype=dtype)
             for name, (target, dtype) in SAMPLING_TO_ENGINE.items() if name in values}
 

@@ -7,7 +7,8 @@ tokens, stop and bad word lists, end id.
 
 Strict where the C++ backend is strict: a config that breaks the contract fails the model load, and
 there is no default end id (a request without `end_id` runs to `request_output_len`, as the C++
-backend's -1 does)."""
+backend's -1 does). Sampling values a request leaves out take TensorRT-LLM's defaults
+(common.tensorrt_llm_search; seed 0)."""
 
 import json
 import threading
@@ -18,9 +19,9 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.cpu import CpuEngine, QueueFull, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import (FAILURE_MARKER, BadRequest, CancelCheck, CancelListener,
-                                             failure_response, from_words_list, params, refusal, scalar,
-                                             tensorrt_llm_search)
+from model_repo.triton_models.common import (FAILURE_MARKER, TENSORRT_LLM_DEFAULT_SEED, BadRequest, CancelCheck,
+                                             CancelListener, failure_response, from_words_list, params, refusal,
+                                             scalar, tensorrt_llm_search)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED_OUTPUTS = [t.name for t in backend_contract.OUTPUTS if not t.optional]
@@ -74,7 +75,7 @@ class TritonPythonModel:
                 min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
                 presence_penalty=float(val("presence_penalty", 0.0)),
                 frequency_penalty=float(val("frequency_penalty", 0.0)),
-                seed=None if val("seed") is None else int(val("seed")),
+                seed=int(val("seed", TENSORRT_LLM_DEFAULT_SEED)),
                 # As TensorRT-LLM: stop words are token sequences, matched on ids and kept in the output.
                 stop_words=tuple(tuple(w) for w in words("stop_words_list")),
                 bad_words=tuple(tuple(w) for w in words("bad_words_list")),
