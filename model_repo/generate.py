@@ -46,7 +46,12 @@ def llm_parameters(eng: dict, engine_dir: Path) -> dict[str, str]:
         "gpt_model_type": "inflight_fused_batching", "gpt_model_path": str(engine_dir),
         # Read without a default by the 1.2 backend; empty values keep guided decoding off.
         "tokenizer_dir": "", **backend_contract.GUIDED_DECODING_OFF,
-        "max_beam_width": "1", "batch_scheduler_policy": "max_utilization",
+        # guaranteed_no_evict: an admitted request always finishes, as the CPU engine's scheduler does (its
+        # admission rule). max_utilization pauses and recomputes requests when blocks run out, and sizes a long
+        # prompt's first chunk by the sliding window while the whole prompt is allocated (capacityScheduler.cpp,
+        # kvCacheManager.cpp getNeededBlocksOneStep, TensorRT-LLM 1.2.0rc2): a near-full cache could then fail
+        # every request in the batch ("Can't allocate new blocks").
+        "max_beam_width": "1", "batch_scheduler_policy": "guaranteed_no_evict",
         "kv_cache_free_gpu_mem_fraction": str(runtime.get("kv_cache_free_gpu_mem_fraction", 0.9)),
         "exclude_input_in_output": "true", "enable_chunked_context": "true",
         **({"max_attention_window_size": str(window)} if window else {}),

@@ -285,12 +285,17 @@ def penalty():
     return ("FP32", f32(-2.0, 2.0), NONFINITE | f32(2.0, exclude_min=True) | f32(hi=-2.0, exclude_max=True))
 
 
-def sampling(names: dict[str, str]) -> dict:
+def sampling(names: dict[str, str], engine_reads_top_p: bool = False) -> dict:
     """The sampling inputs the ensemble, the BLS and tensorrt_llm share, under each one's names.
-    Valid max_tokens are 1..3, so min_tokens 0..1 are valid and 4.. are not."""
+    Valid max_tokens are 1..3, so min_tokens 0..1 are valid and 4.. are not. Where tensorrt_llm reads top_p
+    itself (the ensemble passes it on), a top_p <= 0 means absent (triton_backend utils.cc,
+    getSamplingConfigFromTensors); the BLS refuses it."""
+    top_p = (("FP32", f32(0.0, 1.0, exclude_min=True) | f32(hi=0.0) | st.just(-math.inf),
+              st.sampled_from([math.inf, math.nan]) | f32(1.0, exclude_min=True)) if engine_reads_top_p else
+             ("FP32", f32(0.0, 1.0, exclude_min=True), NONFINITE | f32(hi=0.0) | f32(1.0, exclude_min=True)))
     domains = {
         "temperature": ("FP32", f32(0.0, 2.0 ** 20), NONFINITE | NEGATIVE),
-        "top_p": ("FP32", f32(0.0, 1.0, exclude_min=True), NONFINITE | f32(hi=0.0) | f32(1.0, exclude_min=True)),
+        "top_p": top_p,
         "top_k": ("INT32", st.integers(0, 2**31 - 1), st.integers(-2**31, -1)),
         "repetition_penalty": ("FP32", f32(0.0, 2.0 ** 20, exclude_min=True), NONFINITE | f32(hi=0.0)),
         "presence_penalty": penalty(), "frequency_penalty": penalty(),
@@ -303,11 +308,11 @@ def sampling(names: dict[str, str]) -> dict:
     return {names.get(k, k): v for k, v in domains.items()}
 
 
-def text_domains(lim: Limits) -> dict:
+def text_domains(lim: Limits, model: str) -> dict:
     good, bad = prompts(lim)
     return {"text_input": ("BYTES", good, bad),
             "max_tokens": ("INT32", st.integers(1, 3), st.integers(-2**31, 0) | st.integers(lim.max_output + 1, 2**31 - 1)),
-            **sampling({}), "stop_words": word_lists(), "bad_words": word_lists()}
+            **sampling({}, engine_reads_top_p=model == "ensemble"), "stop_words": word_lists(), "bad_words": word_lists()}
 
 
 def words_list(vocab: int, oov: bool):
@@ -335,7 +340,8 @@ def llm_domains(lim: Limits) -> dict:
                         st.lists(ids, min_size=lim.max_input + 1, max_size=lim.max_input + 64))
     return {"input_ids": ("INT32", st.lists(ids, min_size=1, max_size=16), bad_ids),
             "request_output_len": ("INT32", st.integers(1, 3), st.integers(-2**31, 0) | st.integers(lim.max_seq, 2**31 - 1)),
-            **sampling({"top_k": "runtime_top_k", "top_p": "runtime_top_p", "stream": "streaming"}),
+            **sampling({"top_k": "runtime_top_k", "top_p": "runtime_top_p", "stream": "streaming"},
+                       engine_reads_top_p=True),
             "stop_words_list": ("INT32", words_list(lim.vocab, False), words_list(lim.vocab, True)),
             "bad_words_list": ("INT32", words_list(lim.vocab, False), words_list(lim.vocab, True))}
 
@@ -425,7 +431,7 @@ def attacked(draw, req: Req, required: tuple[str, ...], lim: Limits, mode: str, 
 def text_request(draw, model: str, lim: Limits):
     """ensemble / tensorrt_llm_bls over gRPC."""
     required = ("text_input", "max_tokens")
-    domains = text_domains(lim)
+    domains = text_domains(lim, model)
     mode = draw(st.sampled_from(MODES))
     values, refuse = draw(fields(domains, required, mode))
     inputs = {n: (as_array(v, domains[n][0]), domains[n][0]) for n, v in values.items()}
@@ -619,7 +625,7 @@ def generate_request(draw, model: str, lim: Limits):
     if model == "tensorrt_llm":
         domains, required = llm_domains(lim), ("input_ids", "request_output_len")
     else:
-        domains, required = text_domains(lim), ("text_input", "max_tokens")
+        domains, required = text_domains(lim, model), ("text_input", "max_tokens")
     values, refuse = draw(fields(domains, required, draw(st.sampled_from(MODES[:2]))))
     if model == "tensorrt_llm":
         values["input_lengths"] = len(values["input_ids"])

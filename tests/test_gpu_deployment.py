@@ -114,6 +114,8 @@ def test_generated_gpu_config_meets_the_backend_contract(gpu_repo, gpu_engine):
     assert params["gpt_model_path"] == str(gpu_engine.resolve())
     assert {params[k] for k in ("xgrammar_tokenizer_info_path", "guided_decoding_backend")} == {""}
     assert "tokenizer_dir" in params and params["max_attention_window_size"] == "64"
+    # The CPU engine's admission rule: an admitted request always finishes (no pause and recompute).
+    assert params["batch_scheduler_policy"] == "guaranteed_no_evict"
     by_name = {i.name: i for i in cfg.input}
     assert by_name["input_lengths"].HasField("reshape") and list(by_name["input_lengths"].reshape.shape) == []
     assert by_name["input_ids"].allow_ragged_batch and not by_name["input_ids"].HasField("reshape")

@@ -99,7 +99,7 @@ def test_greedy_reaches_the_engine_as_top_k_1_without_a_temperature():
         assert set(greedy) == {"runtime_top_k", "seed"}, given
         assert greedy["runtime_top_k"].tolist() == [[1]] and greedy["runtime_top_k"].dtype == np.int32
         assert greedy["seed"].dtype == np.uint64
-        assert tensorrt_llm_search(1.0, 1, 0.0) == {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        assert tensorrt_llm_search(1.0, 1, None) == {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
 
 
 def test_sampling_carries_temperature_top_k_and_top_p_so_the_engine_cannot_read_it_as_greedy():
@@ -109,9 +109,10 @@ def test_sampling_carries_temperature_top_k_and_top_p_so_the_engine_cannot_read_
     assert sampled == {"temperature": np.float32(0.7), "runtime_top_k": 0, "runtime_top_p": 1.0}
     assert engine_sampling({"temperature": 0.7})["seed"].item() != seed
     assert engine_sampling({"temperature": 0.7, "seed": 5})["seed"].item() == 5
-    assert tensorrt_llm_search(0.7, 0, 0.0) == {"temperature": 0.0}  # what the engine makes of a temperature alone
+    assert tensorrt_llm_search(0.7, 0, None) == {"temperature": 0.0}  # what the engine makes of a temperature alone
     assert tensorrt_llm_search(0.7, 0, 1.0) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
-    assert tensorrt_llm_search(0.7, 40, 0.0) == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}  # plain top-k
+    assert tensorrt_llm_search(0.7, 40, None) == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}  # plain top-k
+    assert tensorrt_llm_search(0.7, 0, 0.0) == tensorrt_llm_search(0.7, 0, -1.0) == {"temperature": 0.0}  # <= 0: absent
 
 
 def test_inner_request_ids_differ_between_bls_instances_for_one_caller_id():

@@ -19,20 +19,22 @@ def test_greedy_is_the_argmax():
     assert Sampler(Sampling(), [1, 2], V, END).next_token(x) == int(np.argmax(x))
 
 
-def test_penalties_follow_their_definitions():
+def test_temperature_then_penalties_as_tensorrt_llms_kernel():
+    """batchApplyPenalty (TensorRT-LLM penaltyKernels.cu): logits scaled by 1/temperature first; then for each
+    token occurring in the prompt or the output, repetition by sign, presence once, frequency per occurrence."""
     x = logits(1)
-    prompt, out = [3, 4], [5, 5, 6]
-    s = Sampler(Sampling(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25), prompt, V, END)
+    prompt, out = [3, 4, 4], [5, 5, 6, 3]
+    s = Sampler(Sampling(temperature=0.5, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+                prompt, V, END)
     for t in out:
-        s.history.append(t)
-        s.counts[t] += 1
-        s.seen[t] = True
-    want = x.copy()
-    for t in {3, 4, 5, 6}:  # repetition: prompt and output
-        want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
-    counts = np.bincount(out, minlength=V)
-    want -= 0.5 * (counts > 0) + 0.25 * counts  # presence and frequency: output only
+        s.record(t)
+    want = x / 0.5
+    counts = np.bincount(prompt + out, minlength=V)
+    seen = counts > 0
+    want[seen] = np.where(want[seen] > 0, want[seen] / 1.3, want[seen] * 1.3)
+    want -= 0.5 * seen + 0.25 * counts
     np.testing.assert_allclose(s._adjust(x), want, rtol=1e-6)
+    assert want[4] == pytest.approx(x[4] / 0.5 / 1.3 ** np.sign(x[4]) - 0.5 - 0.25 * 2)  # twice in the prompt
 
 
 def test_min_tokens_bans_every_end_id_until_reached():

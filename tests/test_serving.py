@@ -114,6 +114,31 @@ def test_tensorrt_llm_stops_only_on_the_end_id_it_is_sent(smol_server):
     assert generated(end_id=(stop_at, "INT32")) <= free_run.index(stop_at) + 1
 
 
+@pytest.mark.parametrize("max_tokens,ends_on", [(6, "length"), (40, "end id")])
+def test_tensorrt_llm_streams_new_tokens_and_its_final_response_carries_the_last(smol_server, max_tokens, ends_on):
+    """As the C++ backend: each streamed response holds only new tokens, and the last one is the final response
+    (after the end id it holds none: output_ids [1, 1, 0], sequence_length 0); they join to the non-streamed
+    output."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_server.repo / "preprocessing" / "tokenizer")
+    ids = chat_ids(smol_server.repo / "preprocessing" / "tokenizer", QUESTION)
+    end = (tok.convert_tokens_to_ids("<|im_end|>"), "INT32")
+    whole, err = stream_results(smol_server.grpc_url, "tensorrt_llm", llm_inputs(ids, max_tokens, end_id=end))
+    assert err is None
+    want = whole[-1].as_numpy("output_ids").reshape(-1).tolist()
+    assert (len(want) == max_tokens) == (ends_on == "length")
+    results, err = stream_results(smol_server.grpc_url, "tensorrt_llm",
+                                  llm_inputs(ids, max_tokens, end_id=end, streaming=(True, "BOOL")))
+    assert err is None and len(results) > 1
+    assert [t for r in results for t in r.as_numpy("output_ids").reshape(-1).tolist()] == want
+    final = results[-1]
+    assert final.as_numpy("output_ids").shape[:2] == (1, 1)
+    n_final = final.as_numpy("output_ids").shape[2]
+    assert final.as_numpy("sequence_length").reshape(-1).tolist() == [n_final]
+    assert (n_final == 0) == (ends_on == "end id")
+
+
 def test_tensorrt_llm_stop_words_are_token_sequences_kept_in_the_output(smol_server):
     """As the C++ backend: stop_words_list [1, 2, L] holds id sequences; generation ends after the
     first one is completed, and its tokens are part of the output."""

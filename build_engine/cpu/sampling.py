@@ -2,11 +2,12 @@
 turns one row of logits into its next token (`Sampler`).
 
 Every request owns its random generator, seeded from its own `seed`, so a seeded request draws the
-same tokens whichever requests share its batch. Order, as in TensorRT-LLM's sampling layers:
-penalties and bans on the raw logits, then temperature, top-k, top-p, and the draw (greedy takes
-the arg-max after penalties). Penalty conventions: repetition divides positive / multiplies
-negative logits of every token seen in the prompt or the output; presence and frequency subtract
-per token generated so far (OpenAI's definition)."""
+same tokens whichever requests share its batch. Order and conventions as TensorRT-LLM's penalty kernel
+(batchApplyPenalty, cpp/tensorrt_llm/kernels/penaltyKernels.cu, TensorRT-LLM 1.x): temperature first,
+then, for every token that occurs in the prompt or the output so far, repetition (divides a positive,
+multiplies a negative logit), presence (subtracted once) and frequency (subtracted per occurrence,
+the prompt's included); then bans, top-k, top-p and the draw (greedy takes the arg-max after them).
+"""
 
 from __future__ import annotations
 
@@ -59,20 +60,24 @@ class Sampler:
         self.history = list(prompt)
         self.generated = 0
         self._penalize = s.repetition_penalty != 1 or s.presence_penalty != 0 or s.frequency_penalty != 0
-        if self._penalize:
-            self.counts = np.zeros(vocab_size, dtype=np.float32)  # output tokens only
-            self.seen = np.zeros(vocab_size, dtype=bool)  # prompt and output
-            self.seen[np.asarray(prompt, dtype=np.int64)] = True
+        if self._penalize:  # occurrences in the prompt and the output
+            self.counts = np.bincount(np.asarray(prompt, dtype=np.int64), minlength=vocab_size).astype(np.float32)
 
     def _adjust(self, logits: np.ndarray) -> np.ndarray:
+        """The logits after temperature, penalties and bans; `logits` itself when none applies (it is not
+        written)."""
         s = self.s
-        x = logits.astype(np.float32, copy=True)
+        scale = s.temperature not in (0, 1)  # 0: greedy, nothing to scale
+        if not (scale or self._penalize or s.bad_words or (self.generated < s.min_tokens and self._end_list.size)):
+            return logits
+        x = logits / np.float32(s.temperature) if scale else logits.astype(np.float32, copy=True)
         if self._penalize:
+            seen = self.counts > 0
             if s.repetition_penalty != 1:
-                seen = x[self.seen]
-                x[self.seen] = np.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+                v = x[seen]
+                x[seen] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
             if s.presence_penalty:
-                x -= s.presence_penalty * (self.counts > 0)
+                x -= s.presence_penalty * seen
             if s.frequency_penalty:
                 x -= s.frequency_penalty * self.counts
         for word in s.bad_words:
@@ -87,7 +92,8 @@ class Sampler:
         return any(self.history[-len(w):] == list(w) for w in self.s.stop_words)
 
     def _draw(self, x: np.ndarray) -> int:
-        """A draw from softmax(x) restricted to the top-k tokens, then to the nucleus. No full sort of the
+        """A draw from softmax(x) (x: the logits after temperature and penalties) restricted to the top-k
+        tokens, then to the nucleus. No full sort of the
         vocabulary: it costs more than a decode step at 32k-50k tokens, and a draw needs no order."""
         s = self.s
         cand = np.sort(np.argpartition(x, -s.top_k)[-s.top_k:]) if 0 < s.top_k < x.size else None  # ascending ids
@@ -103,13 +109,16 @@ class Sampler:
         """The next token from one row of logits [V]; records it as generated."""
         x = self._adjust(logits)
         s = self.s
-        token = int(np.argmax(x)) if s.greedy else self._draw(x / s.temperature)
+        token = int(np.argmax(x)) if s.greedy else self._draw(x)
+        self.record(token)
+        return token
+
+    def record(self, token: int) -> None:
+        """Count a generated token."""
         self.generated += 1
         self.history.append(token)
         if self._penalize:
             self.counts[token] += 1
-            self.seen[token] = True
-        return token
 
 
 def _nucleus(z: np.ndarray, p: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:

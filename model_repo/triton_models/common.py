@@ -76,15 +76,18 @@ SAMPLING_TO_ENGINE = {
 }
 
 
-def tensorrt_llm_search(temperature: float, top_k: int, top_p: float) -> dict:
-    """TensorRT-LLM's sampling rule for what a request gives or leaves out: absent values are temperature 1,
-    top-k 0 and top-p 0 (cpp/tensorrt_llm/layers/defaultDecodingParams.h); top-k 0 with top-p 0
-    is greedy, whatever the temperature, and top-k > 0 with top-p 0 is plain top-k (setupTopKRuntimeArgs in
-    cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, TensorRT-LLM 1.x). So a request with a temperature
-    alone is greedy there, and here too."""
-    if top_k == 0 and top_p == 0:
+def tensorrt_llm_search(temperature: float, top_k: int, top_p: float | None) -> dict:
+    """TensorRT-LLM's sampling rule for what a request gives or leaves out (`top_p` None: absent): absent
+    values are temperature 1, top-k 0 and top-p 0 (cpp/tensorrt_llm/layers/defaultDecodingParams.h); top-k 0
+    with top-p 0 is greedy, whatever the temperature, and top-k > 0 with top-p 0 is plain top-k
+    (setupTopKRuntimeArgs, cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, TensorRT-LLM 1.x). So a request
+    with a temperature alone is greedy there, and here too. The backend reads a top-p <= 0 as absent; one
+    over 1 is refused (SamplingConfig::checkTopP), here by Sampling's own check."""
+    if top_p is not None and top_p <= 0:  # read as absent (triton_backend utils.cc getSamplingConfigFromTensors)
+        top_p = None
+    if top_k == 0 and top_p is None:
         return {"temperature": 0.0}
-    return {"temperature": temperature, "top_k": top_k, "top_p": top_p or 1.0}
+    return {"temperature": temperature, "top_k": top_k, "top_p": 1.0 if top_p is None else top_p}
 
 
 # A request without a seed: TensorRT-LLM's sampling layers seed it with 0 (defaultDecodingParams.h, getSeed).

@@ -67,8 +67,9 @@ class TritonPythonModel:
         if max_tokens is None:
             raise BadRequest("request_output_len is not present in the request")
         end_id = None if val("end_id") is None else int(val("end_id"))
+        top_p = val("runtime_top_p")
         search = tensorrt_llm_search(float(val("temperature", 1.0)), int(val("runtime_top_k", 0)),
-                                     float(val("runtime_top_p", 0.0)))
+                                     None if top_p is None else float(top_p))
         try:
             return Sampling(
                 max_tokens=int(max_tokens), **search,
@@ -172,9 +173,10 @@ class TritonPythonModel:
             self._log_cancelled(rid, stream)
             sender.send(flags=FINAL)
         elif streaming:
-            if held:
-                self._send_tokens(sender, held)
-            sender.send(flags=FINAL)
+            # The C++ backend's last streamed response is the final one and carries the last tokens (none,
+            # [1, 1, 0] with sequence_length 0, after the end id): model_instance_state.cc WaitForResponse and
+            # llmRequest.cpp createResult, TensorRT-LLM 1.2.x.
+            self._send_tokens(sender, held, flags=FINAL)
         else:
             self._send_tokens(sender, generated if exclude else ids + generated, flags=FINAL)
 
