@@ -93,8 +93,8 @@ class Sampler:
 
     def _draw(self, x: np.ndarray) -> int:
         """A draw from softmax(x) (x: the logits after temperature and penalties) restricted to the top-k
-        tokens, then to the nucleus. No full sort of the
-        vocabulary: it costs more than a decode step at 32k-50k tokens, and a draw needs no order."""
+        tokens, then to the nucleus. No full sort of the vocabulary: it costs more than a decode step at
+        32k-50k tokens, and a draw needs no order."""
         s = self.s
         cand = np.sort(np.argpartition(x, -s.top_k)[-s.top_k:]) if 0 < s.top_k < x.size else None  # ascending ids
         z = x if cand is None else x[cand]
