@@ -113,6 +113,9 @@ def test_sampling_carries_temperature_top_k_and_top_p_so_the_engine_cannot_read_
     assert tensorrt_llm_search(0.7, 0, 1.0) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
     assert tensorrt_llm_search(0.7, 40, None) == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}  # plain top-k
     assert tensorrt_llm_search(0.7, 0, 0.0) == tensorrt_llm_search(0.7, 0, -1.0) == {"temperature": 0.0}  # <= 0: absent
+    for refused in (-1.0, float("nan"), float("inf")):  # even where greedy would not use it
+        with pytest.raises(ValueError, match="temperature"):
+            tensorrt_llm_search(refused, 0, None)
 
 
 def test_inner_request_ids_differ_between_bls_instances_for_one_caller_id():

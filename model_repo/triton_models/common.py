@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from client.errors import BAD_REQUEST_MARKER
+from client.limits import check_sampling
 
 
 def params(args: dict) -> dict[str, str]:
@@ -82,7 +83,10 @@ def tensorrt_llm_search(temperature: float, top_k: int, top_p: float | None) -> 
     with top-p 0 is greedy, whatever the temperature, and top-k > 0 with top-p 0 is plain top-k
     (setupTopKRuntimeArgs, cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, TensorRT-LLM 1.x). So a request
     with a temperature alone is greedy there, and here too. The backend reads a top-p <= 0 as absent; one
-    over 1 is refused (SamplingConfig::checkTopP), here by Sampling's own check."""
+    over 1 is refused (SamplingConfig::checkTopP), here by Sampling's own check. A temperature it refuses
+    (negative or NaN, SamplingConfig::checkTemperature; here an infinite one too) is refused even where
+    greedy would not use it."""
+    check_sampling(temperature=temperature)
     if top_p is not None and top_p <= 0:  # read as absent (triton_backend utils.cc getSamplingConfigFromTensors)
         top_p = None
     if top_k == 0 and top_p is None:

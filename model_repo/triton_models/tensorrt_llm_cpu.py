@@ -68,9 +68,9 @@ class TritonPythonModel:
             raise BadRequest("request_output_len is not present in the request")
         end_id = None if val("end_id") is None else int(val("end_id"))
         top_p = val("runtime_top_p")
-        search = tensorrt_llm_search(float(val("temperature", 1.0)), int(val("runtime_top_k", 0)),
-                                     None if top_p is None else float(top_p))
         try:
+            search = tensorrt_llm_search(float(val("temperature", 1.0)), int(val("runtime_top_k", 0)),
+                                         None if top_p is None else float(top_p))
             return Sampling(
                 max_tokens=int(max_tokens), **search,
                 min_tokens=int(val("min_tokens", 0)), repetition_penalty=float(val("repetition_penalty", 1.0)),
