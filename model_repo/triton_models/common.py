@@ -78,16 +78,17 @@ SAMPLING_TO_ENGINE = {
 
 
 def tensorrt_llm_search(temperature: float, top_k: int, top_p: float | None) -> dict:
-    """TensorRT-LLM's sampling rule for what a request gives or leaves out (`top_p` None: absent): absent
-    values are temperature 1, top-k 0 and top-p 0 (cpp/tensorrt_llm/layers/defaultDecodingParams.h); top-k 0
-    with top-p 0 is greedy, whatever the temperature, and top-k > 0 with top-p 0 is plain top-k
-    (setupTopKRuntimeArgs, cpp/tensorrt_llm/kernels/samplingTopKKernels.cu, TensorRT-LLM 1.x). So a request
+    """TensorRT-LLM's sampling rule for what a request gives or leaves out (`top_p` None: absent). Read in
+    NVIDIA/TensorRT-LLM (1.x; paths below are in that repository): absent values are temperature 1, top-k 0
+    and top-p 0 (cpp/tensorrt_llm/layers/defaultDecodingParams.h); top-k 0 with top-p 0 is greedy, whatever
+    the temperature, and top-k > 0 with top-p 0 is plain top-k (setupTopKRuntimeArgs,
+    cpp/tensorrt_llm/kernels/samplingTopKKernels.cu). So a request
     with a temperature alone is greedy there, and here too. The backend reads a top-p <= 0 as absent; one
     over 1 is refused (SamplingConfig::checkTopP), here by Sampling's own check. A temperature it refuses
     (negative or NaN, SamplingConfig::checkTemperature; here an infinite one too) is refused even where
     greedy would not use it."""
     check_sampling(temperature=temperature)
-    if top_p is not None and top_p <= 0:  # read as absent (triton_backend utils.cc getSamplingConfigFromTensors)
+    if top_p is not None and top_p <= 0:  # absent (triton_backend/inflight_batcher_llm/src/utils.cc)
         top_p = None
     if top_k == 0 and top_p is None:
         return {"temperature": 0.0}
