@@ -14,7 +14,7 @@ REPO := $(ARTIFACTS)/$(MODEL)/model_repository
 TRTLLM_VENV := .venv-trtllm
 TRTLLM_PY := $(TRTLLM_VENV)/bin/python
 
-.PHONY: venv venv-trtllm test demo serve bench clean gpu-image gpu-quantize gpu-engine gpu-repo gpu-serve
+.PHONY: venv venv-trtllm mpi test demo serve bench clean gpu-image gpu-quantize gpu-engine gpu-repo gpu-serve
 
 venv: $(VENV)/.installed
 
@@ -37,8 +37,14 @@ $(TRTLLM_VENV)/.installed: pyproject.toml constraints-trtllm.txt
 
 venv-trtllm: $(TRTLLM_VENV)/.installed
 
+# A tensor-parallel server is stopped under a real mpirun in the tests: Debian's Open MPI, where missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+mpi:
+	@command -v mpirun >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends openmpi-bin; } \
+	  || { echo "the tests need Open MPI's mpirun: install Debian's openmpi-bin" >&2; exit 1; }
+
 # Each run checks the other venv's tokenizer ids (HERMES_OTHER_PYTHON): transformers 5 vs 4.57.3.
-test: venv venv-trtllm
+test: venv venv-trtllm mpi
 	HERMES_OTHER_PYTHON=$(abspath $(TRTLLM_PY)) $(PY) -m pytest -q tests
 	HERMES_OTHER_PYTHON=$(abspath $(PY)) $(TRTLLM_PY) -m pytest -q -m container_versions tests
 

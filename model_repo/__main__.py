@@ -85,7 +85,9 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     if not inside and shutil.which("docker") is None:
         raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                         f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
-    proc = subprocess.Popen(cmd)
+    # In a session of its own, the server gets the terminal's Ctrl-C from this process only (stop_signal
+    # says why mpirun must not get it at all).
+    proc = subprocess.Popen(cmd, start_new_session=True)
     with _forwarding_signals(proc):  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
         if not args.openai_port:
             return proc.wait()
@@ -100,11 +102,14 @@ def _serve_gpu(repo: Path, ports, args) -> int:
 
 @contextlib.contextmanager
 def _forwarding_signals(proc):
-    """Pass SIGINT and SIGTERM on to `proc` while it runs (in the main thread, where Python handles them)."""
+    """Pass SIGINT and SIGTERM on to the server `proc` runs (server.stop_signal) while it runs (in the
+    main thread, where Python handles them)."""
+    from model_repo.server import stop_signal
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda sig, _: proc.send_signal(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda sig, _: stop_signal(proc, sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

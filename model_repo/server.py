@@ -8,6 +8,7 @@ backend), on loopback by default; wait for readiness; stop cleanly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -290,9 +291,10 @@ def leader_mode(server_args: list[str], world_size: int, engine_model: str = "te
 def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_container: bool,
                 drain_timeout_s: int = DRAIN_TIMEOUT_S) -> list[str]:
     """tritonserver with the TensorRT-LLM backend for a GPU repository (under mpirun in leader mode
-    for a tensor-parallel engine). Inside the serving image it runs directly; elsewhere through docker
-    with the image, the repository and the engine mounted read-only at the paths the configs name,
-    and host networking so that the loopback binding means the host's loopback."""
+    for a tensor-parallel engine), inside the serving image. Elsewhere, docker runs this same `serve`
+    inside the image (so that the one process that relays stop signals, `stop_signal`, is there too),
+    with the repository and the engine mounted read-only at the paths the configs name, and host
+    networking so that the loopback binding means the host's loopback."""
     from build_engine import manifest
 
     repo = Path(repo).resolve()
@@ -300,14 +302,40 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
     if not (engine / "manifest.json").is_file():
         raise UserError(f"the engine {engine} that {repo} serves is not there: run serve where the repository "
                         "was generated (paths are recorded as they were), or regenerate it")
-    world_size = int(manifest.read(engine).get("world_size", 1))
-    server_args = tritonserver_args(repo, host, ports, drain_timeout_s)
-    args = leader_mode(server_args, world_size) if world_size > 1 else ["tritonserver", *server_args]
     if inside_container:
-        return args
+        world_size = int(manifest.read(engine).get("world_size", 1))
+        server_args = tritonserver_args(repo, host, ports, drain_timeout_s)
+        return leader_mode(server_args, world_size) if world_size > 1 else ["tritonserver", *server_args]
     mounts = [x for d in dict.fromkeys([repo, engine]) for x in ("-v", f"{d}:{d}:ro")]
+    serve = ["python3", "-m", "model_repo", "serve", "--repo", str(repo), "--host", host,
+             "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+             "--drain-timeout", str(drain_timeout_s)]
+    # --init: a process that reaps orphans as PID 1 and passes docker's signals on to `serve`.
     # NCCL between the ranks of a tensor-parallel engine needs the host's IPC namespace, unlimited
     # locked memory and a large stack (TensorRT-LLM's docker/Makefile runs its containers so). The host's
     # IPC namespace brings the host's /dev/shm, so no --shm-size: docker ignores it there, podman refuses it.
-    return ["docker", "run", "--rm", "--gpus", "all", "--network", "host", "--ipc", "host",
-            "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", *mounts, image, *args]
+    return ["docker", "run", "--rm", "--init", "--gpus", "all", "--network", "host", "--ipc", "host",
+            "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", *mounts, image, *serve]
+
+
+def stop_signal(proc: subprocess.Popen, sig: int) -> None:
+    """Pass a stop signal (SIGINT, SIGTERM) on to the server that `proc` runs, so that Triton drains.
+    A tensor-parallel engine's mpirun is not signalled itself: Open MPI's mpirun answers SIGTERM or
+    SIGINT by signalling its ranks after odls_base_sigkill_timeout (1 s by default) and SIGKILLing them
+    the same time later (Open MPI 4.1's orte/mca/odls/base; measured with Debian 12's 4.1.4: ranks that
+    would drain for 8 s were killed 2 s after the SIGTERM), which would cut Triton's drain to a second.
+    Each rank gets the signal instead, as the backend's docs stop a leader-mode server
+    (`pkill tritonserver`); mpirun exits once its ranks have."""
+    import psutil
+
+    if Path(str(proc.args[0])).name == "mpirun":
+        try:
+            ranks = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            ranks = []
+        for rank in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.send_signal(sig)
+        if ranks:
+            return
+    proc.send_signal(sig)

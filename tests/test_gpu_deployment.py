@@ -53,9 +53,13 @@ for rank in range(min(mapping["world_size"], int(os.environ.get("TRTLLM_BUILD_RA
     open(os.path.join(out, f"rank{rank}.engine"), "wb").write(b"engine")
 """)
     _script(bin_dir / "tritonserver", """import json, os, signal, sys, time
-open(os.environ["TRITONSERVER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
-def drain(sig, _):  # Triton drains on SIGTERM/SIGINT and exits 0
-    open(os.environ["TRITONSERVER_ARGV_FILE"] + ".signal", "w").write(signal.Signals(sig).name)
+rank = os.environ.get("OMPI_COMM_WORLD_RANK")  # under mpirun: one file per rank
+out = os.environ["TRITONSERVER_ARGV_FILE"] + (f".rank{rank}" if rank else "")
+open(out, "w").write(json.dumps(sys.argv[1:]))
+def drain(sig, _):  # Triton drains on SIGTERM/SIGINT (for TRITONSERVER_DRAIN_S here) and exits 0
+    open(out + ".signal", "w").write(signal.Signals(sig).name)
+    time.sleep(float(os.environ.get("TRITONSERVER_DRAIN_S", "0")))
+    open(out + ".drained", "w").write("")
     sys.exit(0)
 signal.signal(signal.SIGTERM, drain)
 signal.signal(signal.SIGINT, drain)
@@ -178,21 +182,31 @@ def test_contract_check_names_each_way_a_config_breaks_the_backend(gpu_repo, bre
 
 # -- serving on a GPU host -----------------------------------------------------------------------
 
-def test_gpu_serve_prints_a_docker_line_bound_to_loopback(gpu_repo, gpu_engine, capsys, monkeypatch):
+def test_gpu_serve_outside_the_container_runs_itself_in_docker_bound_to_loopback(gpu_repo, gpu_engine, gpu_tools,
+                                                                                 capsys, monkeypatch):
+    """Outside the serving image, docker runs the same `serve` inside it (the process that relays stop
+    signals to the ranks); run as printed there, that `serve` binds tritonserver to loopback."""
     from model_repo.__main__ import main
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no tritonserver: outside the container
-    assert main(["serve", "--repo", str(gpu_repo), "--dry-run"]) == 0
+    assert main(["serve", "--repo", str(gpu_repo), "--grpc-port", "9001", "--drain-timeout", "45", "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     image_at = argv.index(container.SERVING_IMAGE)
-    docker, server = argv[:image_at], argv[image_at + 1:]
+    docker, inner = argv[:image_at], argv[image_at + 1:]
     assert docker[:2] == ["docker", "run"] and "--gpus" in docker and docker[docker.index("--network") + 1] == "host"
+    assert "--init" in docker  # PID 1 reaps orphans and passes docker's signals on to serve
     mounts = [docker[i + 1] for i, a in enumerate(docker) if a == "-v"]
     assert f"{gpu_repo.resolve()}:{gpu_repo.resolve()}:ro" in mounts
     assert f"{gpu_engine.resolve()}:{gpu_engine.resolve()}:ro" in mounts
+    assert inner[:4] == ["python3", "-m", "model_repo", "serve"]
+
+    monkeypatch.setenv("PATH", f"{gpu_tools}{os.pathsep}/usr/bin:/bin")  # inside: tritonserver is there
+    assert main([*inner[3:], "--dry-run"]) == 0
+    server = shlex.split(capsys.readouterr().out)
     assert server[0] == "tritonserver" and f"--model-repository={gpu_repo.resolve()}" in server
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in server
+    assert "--grpc-port=9001" in server and "--exit-timeout-secs=45" in server
 
 
 def test_gpu_serve_of_a_repository_whose_engine_is_gone_is_a_clear_error(gpu_repo, gpu_engine, capsys, monkeypatch):
@@ -285,8 +299,8 @@ def test_tp2_serve_launches_leader_mode_one_tritonserver_per_gpu(gpu_engine_tp2,
     assert ports[0] == ports[1] and len(ports[0]) == 3
 
 
-def test_tp2_serve_outside_the_container_runs_mpirun_in_docker_with_nccls_limits(gpu_engine_tp2, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_tp2_serve_outside_the_container_runs_in_docker_with_nccls_limits(gpu_engine_tp2, gpu_tools, tmp_path,
+                                                                         capsys, monkeypatch):
     from model_repo.__main__ import main
     from model_repo.generate import generate
 
@@ -295,11 +309,43 @@ def test_tp2_serve_outside_the_container_runs_mpirun_in_docker_with_nccls_limits
     assert main(["serve", "--repo", str(repo), "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     image_at = argv.index(container.SERVING_IMAGE)
-    docker = argv[:image_at]
-    assert argv[image_at + 1] == "mpirun" and docker[docker.index("--ipc") + 1] == "host"
+    docker, inner = argv[:image_at], argv[image_at + 1:]
+    assert docker[docker.index("--ipc") + 1] == "host"
     # With the host's IPC namespace a --shm-size is ignored by docker and refused by podman.
     assert not any(a.startswith("--shm-size") for a in docker)
     assert {"memlock=-1", "stack=67108864"} <= {docker[i + 1] for i, a in enumerate(docker) if a == "--ulimit"}
+    monkeypatch.setenv("PATH", f"{gpu_tools}{os.pathsep}/usr/bin:/bin")
+    assert main([*inner[3:], "--dry-run"]) == 0  # inside the image, serve starts leader mode
+    assert shlex.split(capsys.readouterr().out)[0] == "mpirun"
+
+
+def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, tmp_path):
+    """A pod stopping sends SIGTERM to `serve`. Under the real Open MPI mpirun (Debian's openmpi-bin,
+    as the Makefile installs it), every rank must get it and drain for as long as it needs: mpirun
+    itself, signalled, kills its ranks about two seconds later (server.stop_signal)."""
+    import signal
+    import time
+
+    from model_repo.generate import generate
+
+    repo = generate(gpu_engine_tp2, tmp_path / "repo")
+    argv_file = tmp_path / "argv.json"
+    env = {**os.environ, "TRITONSERVER_ARGV_FILE": str(argv_file), "TRITONSERVER_RUN_S": "120",
+           "TRITONSERVER_DRAIN_S": "5"}
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo)], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    ranks = [Path(f"{argv_file}.rank{r}") for r in range(2)]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(r.exists() for r in ranks), "mpirun did not start both ranks"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert time.monotonic() - sent >= 5
+    for r in ranks:
+        assert Path(f"{r}.signal").read_text() == "SIGTERM"
+        assert Path(f"{r}.drained").exists(), f"{r.name} was killed before its drain ended"
 
 
 # -- the container image -------------------------------------------------------------------------
