@@ -320,11 +320,11 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
 
 def stop_signal(proc: subprocess.Popen, sig: int) -> None:
     """Pass a stop signal (SIGINT, SIGTERM) on to the server that `proc` runs, so that Triton drains.
-    A tensor-parallel engine's mpirun is not signalled itself: Open MPI's mpirun answers SIGTERM or
-    SIGINT by signalling its ranks after odls_base_sigkill_timeout (1 s by default) and SIGKILLing them
-    the same time later (Open MPI 4.1's orte/mca/odls/base; measured with Debian 12's 4.1.4: ranks that
-    would drain for 8 s were killed 2 s after the SIGTERM), which would cut Triton's drain to a second.
-    Each rank gets the signal instead, as the backend's docs stop a leader-mode server
+    A tensor-parallel engine's mpirun is not signalled itself. Measured with Debian 12's Open MPI 4.1.4:
+    mpirun, on SIGTERM or SIGINT, signals its ranks after odls_base_sigkill_timeout (1 s by default) and
+    SIGKILLs them the same time later, so ranks that needed 8 s to drain were killed 2 s after the
+    SIGTERM (a larger timeout only delays the ranks' SIGTERM as much). That would cut Triton's drain to
+    a second. Each rank gets the signal instead, as the backend's docs stop a leader-mode server
     (`pkill tritonserver`); mpirun exits once its ranks have."""
     import psutil
 
