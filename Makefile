@@ -40,8 +40,9 @@ venv-trtllm: $(TRTLLM_VENV)/.installed
 # A tensor-parallel server is stopped under a real mpirun in the tests: Debian's Open MPI, where missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 mpi:
-	@command -v mpirun >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends openmpi-bin; } \
+	@mpirun --version 2>/dev/null | grep -q "Open MPI" || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends openmpi-bin; } \
 	  || { echo "the tests need Open MPI's mpirun: install Debian's openmpi-bin" >&2; exit 1; }
+	@mpirun --version | grep -q "Open MPI" || { echo "mpirun on PATH is not Open MPI's (the serving image's is)" >&2; exit 1; }
 
 # Each run checks the other venv's tokenizer ids (HERMES_OTHER_PYTHON): transformers 5 vs 4.57.3.
 test: venv venv-trtllm mpi

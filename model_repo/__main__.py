@@ -14,7 +14,7 @@ from pathlib import Path
 
 from build_engine import UserError, cli, container
 from client.cli import example, program
-from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog
+from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, stop_signal
 
 EXAMPLES = """examples:
   python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
@@ -88,28 +88,35 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     # In a session of its own, the server gets the terminal's Ctrl-C from this process only (stop_signal
     # says why mpirun must not get it at all).
     proc = subprocess.Popen(cmd, start_new_session=True)
-    with _forwarding_signals(proc):  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
-        if not args.openai_port:
-            return proc.wait()
-        # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
-        frontend = start_frontend(_frontend_config(args, f"{args.host}:{ports.grpc}"), args.host, args.openai_port)
-        print(f"OpenAI http://{args.host}:{args.openai_port}/v1 (Ctrl-C stops)", flush=True)
-        try:
-            return proc.wait()
-        finally:
-            frontend.should_exit = True
+    try:
+        with _forwarding_signals(proc):  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
+            if not args.openai_port:
+                return proc.wait()
+            # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
+            frontend = start_frontend(_frontend_config(args, f"{args.host}:{ports.grpc}"), args.host,
+                                      args.openai_port)
+            print(f"OpenAI http://{args.host}:{args.openai_port}/v1 (Ctrl-C stops)", flush=True)
+            try:
+                return proc.wait()
+            finally:
+                frontend.should_exit = True
+    finally:
+        if proc.poll() is None:  # serve is leaving early (an error): the server, in its own session, goes too
+            stop_signal(proc, signal.SIGTERM)
+            proc.wait()
 
 
 @contextlib.contextmanager
 def _forwarding_signals(proc):
-    """Pass SIGINT and SIGTERM on to the server `proc` runs (server.stop_signal) while it runs (in the
-    main thread, where Python handles them)."""
-    from model_repo.server import stop_signal
-
+    """Pass SIGINT, SIGTERM and SIGHUP (as SIGTERM) on to the server `proc` runs (server.stop_signal)
+    while it runs (in the main thread, where Python handles them)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda sig, _: stop_signal(proc, sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A hangup (the terminal or ssh session closing) stops the server as SIGTERM does, rather than
+    # leaving it running in its own session.
+    relay = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+    previous = {sig: signal.signal(sig, lambda sig, _: stop_signal(proc, relay[sig])) for sig in relay}
     try:
         yield
     finally:

@@ -326,11 +326,13 @@ def stop_signal(proc: subprocess.Popen, sig: int) -> None:
     SIGTERM (a larger timeout only delays the ranks' SIGTERM as much). That would cut Triton's drain to
     a second. Each rank gets the signal instead, as the backend's docs stop a leader-mode server
     (`pkill tritonserver`); mpirun exits once its ranks have."""
-    import psutil
+    if proc.poll() is not None:  # gone already (its pid may be another process's by now)
+        return
+    if Path(str(proc.args[0])).name == "mpirun":  # inside the serving image, where [container] has psutil
+        import psutil
 
-    if Path(str(proc.args[0])).name == "mpirun":
         try:
-            ranks = psutil.Process(proc.pid).children()
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "tritonserver"]
         except psutil.NoSuchProcess:
             ranks = []
         for rank in ranks:
@@ -338,4 +340,4 @@ def stop_signal(proc: subprocess.Popen, sig: int) -> None:
                 rank.send_signal(sig)
         if ranks:
             return
-    proc.send_signal(sig)
+    proc.send_signal(sig)  # tritonserver itself, docker (which passes it on), or an mpirun with no rank yet

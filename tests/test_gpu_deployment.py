@@ -55,7 +55,6 @@ for rank in range(min(mapping["world_size"], int(os.environ.get("TRTLLM_BUILD_RA
     _script(bin_dir / "tritonserver", """import json, os, signal, sys, time
 rank = os.environ.get("OMPI_COMM_WORLD_RANK")  # under mpirun: one file per rank
 out = os.environ["TRITONSERVER_ARGV_FILE"] + (f".rank{rank}" if rank else "")
-open(out, "w").write(json.dumps(sys.argv[1:]))
 def drain(sig, _):  # Triton drains on SIGTERM/SIGINT (for TRITONSERVER_DRAIN_S here) and exits 0
     open(out + ".signal", "w").write(signal.Signals(sig).name)
     time.sleep(float(os.environ.get("TRITONSERVER_DRAIN_S", "0")))
@@ -63,6 +62,7 @@ def drain(sig, _):  # Triton drains on SIGTERM/SIGINT (for TRITONSERVER_DRAIN_S 
     sys.exit(0)
 signal.signal(signal.SIGTERM, drain)
 signal.signal(signal.SIGINT, drain)
+open(out, "w").write(json.dumps(sys.argv[1:]))  # after the handlers: the tests signal once this is there
 time.sleep(float(os.environ.get("TRITONSERVER_RUN_S", "0")))
 """)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -189,7 +189,11 @@ def test_gpu_serve_outside_the_container_runs_itself_in_docker_bound_to_loopback
     from model_repo.__main__ import main
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no tritonserver: outside the container
-    assert main(["serve", "--repo", str(gpu_repo), "--grpc-port", "9001", "--drain-timeout", "45", "--dry-run"]) == 0
+    assert main(["serve", "--repo", str(gpu_repo), "--dry-run"]) == 0
+    default_inner = shlex.split(capsys.readouterr().out)
+    default_inner = default_inner[default_inner.index(container.SERVING_IMAGE) + 1:]
+    assert main(["serve", "--repo", str(gpu_repo), "--host", "10.0.0.5", "--http-port", "9000", "--grpc-port", "9001",
+                 "--metrics-port", "9002", "--drain-timeout", "45", "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     image_at = argv.index(container.SERVING_IMAGE)
     docker, inner = argv[:image_at], argv[image_at + 1:]
@@ -201,12 +205,14 @@ def test_gpu_serve_outside_the_container_runs_itself_in_docker_bound_to_loopback
     assert inner[:4] == ["python3", "-m", "model_repo", "serve"]
 
     monkeypatch.setenv("PATH", f"{gpu_tools}{os.pathsep}/usr/bin:/bin")  # inside: tritonserver is there
-    assert main([*inner[3:], "--dry-run"]) == 0
-    server = shlex.split(capsys.readouterr().out)
-    assert server[0] == "tritonserver" and f"--model-repository={gpu_repo.resolve()}" in server
+    servers = []
+    for argv in (default_inner, inner):
+        assert main([*argv[3:], "--dry-run"]) == 0
+        servers.append(shlex.split(capsys.readouterr().out))
+    assert servers[0][0] == "tritonserver" and f"--model-repository={gpu_repo.resolve()}" in servers[0]
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
-        assert f"{flag}=127.0.0.1" in server
-    assert "--grpc-port=9001" in server and "--exit-timeout-secs=45" in server
+        assert f"{flag}=127.0.0.1" in servers[0] and f"{flag}=10.0.0.5" in servers[1]
+    assert {"--http-port=9000", "--grpc-port=9001", "--metrics-port=9002", "--exit-timeout-secs=45"} <= set(servers[1])
 
 
 def test_gpu_serve_of_a_repository_whose_engine_is_gone_is_a_clear_error(gpu_repo, gpu_engine, capsys, monkeypatch):
@@ -234,9 +240,12 @@ def test_gpu_serve_inside_the_container_runs_tritonserver_as_printed(gpu_repo, g
     assert "--metrics-address=10.0.0.5" in printed
 
 
-def test_gpu_serve_passes_sigterm_to_tritonserver_and_returns_its_exit_code(gpu_repo, gpu_tools, tmp_path):
-    """A pod stopping sends SIGTERM to `serve` (the container's main process): Triton must get it to
-    drain, rather than be killed when the grace period ends."""
+@pytest.mark.parametrize("sent,received", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT"), ("SIGHUP", "SIGTERM")])
+def test_gpu_serve_passes_stop_signals_to_tritonserver_and_returns_its_exit_code(gpu_repo, gpu_tools, tmp_path,
+                                                                                 sent, received):
+    """A pod stopping sends SIGTERM to `serve` (the container's main process), Ctrl-C sends SIGINT: Triton
+    must get it to drain, rather than be killed when the grace period ends. The server runs in a session
+    of its own, so a hangup (the terminal closing) must stop it as SIGTERM does, not leave it running."""
     import signal
     import time
 
@@ -247,9 +256,9 @@ def test_gpu_serve_passes_sigterm_to_tritonserver_and_returns_its_exit_code(gpu_
     deadline = time.monotonic() + 30
     while not argv_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sent))
     assert proc.wait(20) == 0
-    assert (tmp_path / "argv.json.signal").read_text() == "SIGTERM"
+    assert (tmp_path / "argv.json.signal").read_text() == received
 
 
 # -- tensor parallelism (world size > 1) ----------------------------------------------------------
@@ -330,22 +339,29 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
 
     repo = generate(gpu_engine_tp2, tmp_path / "repo")
     argv_file = tmp_path / "argv.json"
+    # Open MPI counts physical cores as slots: a machine with one core and two threads would refuse -n 2.
     env = {**os.environ, "TRITONSERVER_ARGV_FILE": str(argv_file), "TRITONSERVER_RUN_S": "120",
-           "TRITONSERVER_DRAIN_S": "5"}
+           "TRITONSERVER_DRAIN_S": "5", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL)
-    ranks = [Path(f"{argv_file}.rank{r}") for r in range(2)]
-    deadline = time.monotonic() + 60
-    while not all(r.exists() for r in ranks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(r.exists() for r in ranks), "mpirun did not start both ranks"
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
-    assert time.monotonic() - sent >= 5
-    for r in ranks:
-        assert Path(f"{r}.signal").read_text() == "SIGTERM"
-        assert Path(f"{r}.drained").exists(), f"{r.name} was killed before its drain ended"
+    try:
+        ranks = [Path(f"{argv_file}.rank{r}") for r in range(2)]
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in ranks) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(r.exists() for r in ranks), f"mpirun did not start both ranks (serve: {proc.poll()})"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert time.monotonic() - sent >= 5
+        for r in ranks:
+            assert Path(f"{r}.signal").read_text() == "SIGTERM"
+            assert Path(f"{r}.drained").exists(), f"{r.name} was killed before its drain ended"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["pkill", "-f", f"--model-repository={repo.resolve()}"], check=False)  # ranks left behind
 
 
 # -- the container image -------------------------------------------------------------------------
