@@ -17,6 +17,14 @@ RUN python3 -m pip list --format=freeze > /opt/hermes-trtllm/container-pins.txt 
  && python3 -m pip install --no-cache-dir -c /opt/hermes-trtllm/container-pins.txt "/opt/hermes-trtllm[container]" \
  && python3 -c "import importlib.metadata as m, build_engine, model_repo, client; print('tensorrt_llm', m.version('tensorrt_llm'))"
 
+# Which code the image holds (build_engine.manifest.source_digest): `serve` outside the image runs the
+# image's own `serve`, and refuses an image built from other code. The label must match what was installed.
+ARG HERMES_SOURCE=unknown
+LABEL hermes-trtllm.source=${HERMES_SOURCE}
+RUN installed="$(cd / && python3 -m build_engine.manifest)" \
+ && { [ "${HERMES_SOURCE}" = unknown ] || [ "${HERMES_SOURCE}" = "$installed" ] \
+      || { echo "HERMES_SOURCE ${HERMES_SOURCE} is not the code installed ($installed)" >&2; exit 1; }; }
+
 # The README's GPU workflow drives the steps with make.
 RUN command -v make >/dev/null || (apt-get update && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*)

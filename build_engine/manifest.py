@@ -29,8 +29,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# The project's own code, as installed or checked out: its packages' .py files and presets.
+SOURCE_PACKAGES = ("build_engine", "model_repo", "client", "benchmarks")
+SOURCE_PATTERNS = ("**/*.py", "presets/*.json")
+
+
+def source_digest() -> str:
+    """sha256 over the project's code (SOURCE_PACKAGES: path and bytes of each file), the same for a
+    checkout and for an install of it: the version number stays 0.1.0 while the code changes, so
+    manifests and the serving image's label carry this."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted({f for pkg in SOURCE_PACKAGES for pat in SOURCE_PATTERNS for f in (root / pkg).glob(pat)
+                    if "__pycache__" not in f.parts})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "hermes-trtllm-source": source_digest()}
     for p in PACKAGES:
         try:
             out[p] = importlib.metadata.version(p)
@@ -97,3 +115,7 @@ def staging(output: Path) -> Iterator[Path]:
         publish(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # make gpu-image labels the image with it
+    print(source_digest())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from build_engine import UserError, cli, container
 from client.cli import example, program
-from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, stop_signal
+from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, check_serving_image, stop_signal
 
 EXAMPLES = """examples:
   python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
@@ -82,9 +82,14 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    if not inside and shutil.which("docker") is None:
-        raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
-                        f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container toolkit")
+    if not inside:
+        if shutil.which("docker") is None:
+            raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
+                            f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container "
+                            "toolkit")
+        warning = check_serving_image(args.image)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     # In a session of its own, the server gets the terminal's Ctrl-C from this process only (stop_signal
     # says why mpirun must not get it at all).
     proc = subprocess.Popen(cmd, start_new_session=True)

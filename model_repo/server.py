@@ -318,6 +318,30 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
             "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", *mounts, image, *serve]
 
 
+SOURCE_LABEL = "hermes-trtllm.source"  # the Dockerfile's LABEL: build_engine.manifest.source_digest()
+
+
+def check_serving_image(image: str) -> str | None:
+    """Outside the image, `serve` runs the image's own copy of the project: refuse an image built from
+    other code than this (it could lack what this `serve` relies on, or behave otherwise). None when
+    the image holds this code; a warning when the image does not say (built without `make gpu-image`)."""
+    from build_engine import manifest
+
+    done = subprocess.run(["docker", "image", "inspect", "--format", f'{{{{ index .Config.Labels "{SOURCE_LABEL}" }}}}',
+                           image], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"the serving image {image} is not on this host ({done.stderr.strip() or 'docker image inspect'}"
+                        f"): build it with `make gpu-image`, or docker pull it")
+    label, ours = done.stdout.strip(), manifest.source_digest()
+    if label in ("", "<no value>", "unknown"):
+        return (f"warning: the serving image {image} does not say which code it holds (no {SOURCE_LABEL} label): "
+                "if it was built from another version of this project, rebuild it with `make gpu-image`")
+    if label != ours:
+        raise UserError(f"the serving image {image} holds other code than this checkout (source {label[:12]}, "
+                        f"here {ours[:12]}), and serve runs the image's copy: rebuild it with `make gpu-image`")
+    return None
+
+
 def stop_signal(proc: subprocess.Popen, sig: int) -> None:
     """Pass a stop signal (SIGINT, SIGTERM) on to the server that `proc` runs, so that Triton drains.
     A tensor-parallel engine's mpirun is not signalled itself. Measured with Debian 12's Open MPI 4.1.4:

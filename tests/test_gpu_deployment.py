@@ -364,6 +364,77 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
         subprocess.run(["pkill", "-f", f"--model-repository={repo.resolve()}"], check=False)  # ranks left behind
 
 
+@pytest.fixture
+def docker_stand_in(gpu_tools, tmp_path, monkeypatch):
+    """`docker` on a host without tritonserver: `image inspect` answers with DOCKER_LABEL as the image's
+    source label (DOCKER_NO_IMAGE: no such image); `run` records its argv and exits 0."""
+    bin_dir = tmp_path / "host-bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "docker", """import json, os, sys
+if sys.argv[1:3] == ["image", "inspect"]:
+    if os.environ.get("DOCKER_NO_IMAGE"):
+        sys.exit("Error: No such image: " + sys.argv[-1])
+    print(os.environ.get("DOCKER_LABEL", "<no value>"))
+elif sys.argv[1] == "run":
+    open(os.environ["DOCKER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
+""")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin:/bin")  # docker, and no tritonserver
+    monkeypatch.setenv("DOCKER_ARGV_FILE", str(tmp_path / "docker-argv.json"))
+    return tmp_path / "docker-argv.json"
+
+
+def test_gpu_serve_outside_runs_an_image_that_holds_this_code(gpu_repo, docker_stand_in, capsys, monkeypatch):
+    from model_repo.__main__ import main
+
+    monkeypatch.setenv("DOCKER_LABEL", manifest.source_digest())
+    assert main(["serve", "--repo", str(gpu_repo)]) == 0
+    printed = shlex.split(capsys.readouterr().out.strip().splitlines()[0])
+    assert ["docker", *json.loads(docker_stand_in.read_text())] == printed
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"DOCKER_LABEL": "0" * 64}, r"holds other code than this checkout \(source 000000000000, here .*make gpu-image"),
+    ({"DOCKER_NO_IMAGE": "1"}, r"is not on this host \(Error: No such image: .*make gpu-image"),
+])
+def test_gpu_serve_outside_refuses_an_image_it_cannot_trust(gpu_repo, docker_stand_in, capsys, monkeypatch, env,
+                                                            expected):
+    """The inner serve is the image's own copy: an image built from other code could, for instance,
+    still signal mpirun on SIGTERM (cutting a tensor-parallel drain short), so it is refused up front."""
+    from model_repo.__main__ import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", "--repo", str(gpu_repo)]) == 1
+    assert re.search(expected, capsys.readouterr().err) and not docker_stand_in.exists()
+
+
+def test_gpu_serve_outside_warns_about_an_unlabelled_image(gpu_repo, docker_stand_in, capsys):
+    from model_repo.__main__ import main
+
+    assert main(["serve", "--repo", str(gpu_repo)]) == 0
+    assert "does not say which code it holds" in capsys.readouterr().err and docker_stand_in.exists()
+
+
+def test_gpu_image_is_labelled_with_the_code_it_installs(tmp_path):
+    """make gpu-image passes this checkout's source digest; the Dockerfile labels the image with it and
+    fails the build when the installed code hashes otherwise (run here on this checkout's install)."""
+    make = subprocess.run(["make", "-n", "gpu-image", "GPU_PY=" + sys.executable], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    assert f"--build-arg HERMES_SOURCE={manifest.source_digest()}" in make
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(r"^ARG HERMES_SOURCE=unknown$", text, re.M)
+    assert re.search(r"^LABEL (\S+)=\$\{HERMES_SOURCE\}$", text, re.M).group(1) == "hermes-trtllm.source"
+    check = re.search(r"^LABEL .*\nRUN (.*)$", text, re.M).group(1)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # the image's, with this checkout
+    (shim / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    for source, ok in ((manifest.source_digest(), True), ("unknown", True), ("0" * 64, False)):
+        done = subprocess.run(["sh", "-c", check], env={**env, "HERMES_SOURCE": source}, capture_output=True, text=True)
+        assert (done.returncode == 0) == ok, (source, done.stderr)
+
+
 # -- the container image -------------------------------------------------------------------------
 
 def test_dockerfile_builds_on_the_pinned_image_without_replacing_its_packages():
@@ -461,7 +532,8 @@ def test_readme_gpu_make_lines_resolve_to_the_documented_commands(tmp_path):
             ["make", "-n", "--no-print-directory", *argv[1:], f"ARTIFACTS={fresh}"], cwd=ROOT, env=env,
             capture_output=True, text=True, check=True).stdout.splitlines()]
     base = presets.load("nous-hermes-2-mistral-7b-dpo").triton_image
-    assert run(make_lines[0]) == [f"docker build --build-arg BASE_IMAGE={base} -t {container.SERVING_IMAGE} ."]
+    assert run(make_lines[0]) == [f"docker build --build-arg BASE_IMAGE={base} --build-arg "
+                                  f"HERMES_SOURCE={manifest.source_digest()} -t {container.SERVING_IMAGE} ."]
     # `make -n gpu-serve` on a fresh checkout shows every step it would run, in order.
     assert run(make_lines[-1]) == documented
     for argv, n in zip(make_lines[1:], (1, 2, 3, 4)):
