@@ -79,7 +79,7 @@ GPU_DIR := $(ARTIFACTS)/$(GPU_MODEL)$(if $(filter-out 1,$(GPU_TP)),-tp$(GPU_TP))
 GPU_BASE_IMAGE ?= $(shell $(GPU_PY) -c "import json; print(json.load(open('build_engine/presets/$(GPU_MODEL).json'))['triton_image'])")
 
 gpu-image:
-	docker build --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) --build-arg HERMES_SOURCE=$(shell $(GPU_PY) -m build_engine.manifest) -t $(SERVING_IMAGE) .
+	docker build --build-arg BASE_IMAGE=$(GPU_BASE_IMAGE) --build-arg HERMES_SOURCE=$(or $(shell $(GPU_PY) -m build_engine.manifest),$(error $(GPU_PY) could not compute the source digest)) -t $(SERVING_IMAGE) .
 
 $(GPU_DIR)/checkpoint/manifest.json:
 	$(GPU_PY) -m build_engine quantize --model $(GPU_SOURCE) --preset $(GPU_MODEL) --tp-size $(GPU_TP) --output $(GPU_DIR)/checkpoint

@@ -39,8 +39,13 @@ def source_digest() -> str:
     checkout and for an install of it: the version number stays 0.1.0 while the code changes, so
     manifests and the serving image's label carry this."""
     root = Path(__file__).resolve().parent.parent
+    # Regular files only, and nothing hidden (an editor's lock files, .ipynb_checkpoints): what an
+    # install of the package holds.
     files = sorted({f for pkg in SOURCE_PACKAGES for pat in SOURCE_PATTERNS for f in (root / pkg).glob(pat)
-                    if "__pycache__" not in f.parts})
+                    if f.is_file() and "__pycache__" not in f.parts
+                    and not any(part.startswith(".") for part in f.relative_to(root).parts)})
+    if not files:
+        raise UserError(f"no source files of {', '.join(SOURCE_PACKAGES)} under {root}: cannot say which code this is")
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")

@@ -87,7 +87,7 @@ def _serve_gpu(repo: Path, ports, args) -> int:
             raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
                             f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container "
                             "toolkit")
-        warning = check_serving_image(args.image)
+        warning = check_serving_image(args.image, allow_mismatch=args.allow_image_mismatch)
         if warning:
             print(warning, file=sys.stderr, flush=True)
     # In a session of its own, the server gets the terminal's Ctrl-C from this process only (stop_signal
@@ -221,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="GPU: print the docker command only")
     s.add_argument("--image", default=container.SERVING_IMAGE,
                    help="GPU: the serving image (default: %(default)s, built by `make gpu-image`)")
+    s.add_argument("--allow-image-mismatch", action="store_true",
+                   help="GPU, outside the image: serve with an image built from other code than this checkout")
     s.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible API on this port")
     _frontend_options(s, with_repo=False)
     s.set_defaults(handler=_serve)

@@ -321,24 +321,33 @@ def gpu_command(repo: Path, host: str, ports: Ports, image: str, inside_containe
 SOURCE_LABEL = "hermes-trtllm.source"  # the Dockerfile's LABEL: build_engine.manifest.source_digest()
 
 
-def check_serving_image(image: str) -> str | None:
+INSPECT_FORMAT = f'{{{{ index .Config.Labels "{SOURCE_LABEL}" }}}}'
+
+
+def check_serving_image(image: str, allow_mismatch: bool = False) -> str | None:
     """Outside the image, `serve` runs the image's own copy of the project: refuse an image built from
-    other code than this (it could lack what this `serve` relies on, or behave otherwise). None when
-    the image holds this code; a warning when the image does not say (built without `make gpu-image`)."""
+    other code than this (it could lack what this `serve` relies on, or behave otherwise) unless
+    `allow_mismatch`. None when the image holds this code, else a warning to print."""
     from build_engine import manifest
 
-    done = subprocess.run(["docker", "image", "inspect", "--format", f'{{{{ index .Config.Labels "{SOURCE_LABEL}" }}}}',
-                           image], capture_output=True, text=True)
+    done = subprocess.run(["docker", "image", "inspect", "--format", INSPECT_FORMAT, image],
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"the serving image {image} is not on this host ({done.stderr.strip() or 'docker image inspect'}"
-                        f"): build it with `make gpu-image`, or docker pull it")
+        err = done.stderr.strip() or f"docker image inspect exited with {done.returncode}"
+        if "no such image" in err.lower() or "image not known" in err.lower():  # docker's words, podman's
+            raise UserError(f"the serving image {image} is not on this host: build it with `make gpu-image`, or "
+                            "docker pull it")
+        raise UserError(f"could not inspect the serving image {image}: {err}")
     label, ours = done.stdout.strip(), manifest.source_digest()
     if label in ("", "<no value>", "unknown"):
         return (f"warning: the serving image {image} does not say which code it holds (no {SOURCE_LABEL} label): "
                 "if it was built from another version of this project, rebuild it with `make gpu-image`")
     if label != ours:
-        raise UserError(f"the serving image {image} holds other code than this checkout (source {label[:12]}, "
-                        f"here {ours[:12]}), and serve runs the image's copy: rebuild it with `make gpu-image`")
+        problem = (f"the serving image {image} holds other code than this checkout (source {label[:12]}, here "
+                   f"{ours[:12]}), and serve runs the image's copy")
+        if allow_mismatch:
+            return f"warning: {problem} (--allow-image-mismatch)"
+        raise UserError(f"{problem}: rebuild it with `make gpu-image` (or pass --allow-image-mismatch)")
     return None
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -366,14 +367,16 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
 
 @pytest.fixture
 def docker_stand_in(gpu_tools, tmp_path, monkeypatch):
-    """`docker` on a host without tritonserver: `image inspect` answers with DOCKER_LABEL as the image's
-    source label (DOCKER_NO_IMAGE: no such image); `run` records its argv and exits 0."""
+    """`docker` on a host without tritonserver: `image inspect` (its argv recorded) answers with
+    DOCKER_LABEL as the image's source label, or fails with DOCKER_INSPECT_ERROR; `run` records its
+    argv and exits 0."""
     bin_dir = tmp_path / "host-bin"
     bin_dir.mkdir()
     _script(bin_dir / "docker", """import json, os, sys
 if sys.argv[1:3] == ["image", "inspect"]:
-    if os.environ.get("DOCKER_NO_IMAGE"):
-        sys.exit("Error: No such image: " + sys.argv[-1])
+    open(os.environ["DOCKER_ARGV_FILE"] + ".inspect", "w").write(json.dumps(sys.argv[1:]))
+    if os.environ.get("DOCKER_INSPECT_ERROR"):
+        sys.exit(os.environ["DOCKER_INSPECT_ERROR"])
     print(os.environ.get("DOCKER_LABEL", "<no value>"))
 elif sys.argv[1] == "run":
     open(os.environ["DOCKER_ARGV_FILE"], "w").write(json.dumps(sys.argv[1:]))
@@ -386,15 +389,22 @@ elif sys.argv[1] == "run":
 def test_gpu_serve_outside_runs_an_image_that_holds_this_code(gpu_repo, docker_stand_in, capsys, monkeypatch):
     from model_repo.__main__ import main
 
+    from model_repo.server import SOURCE_LABEL
+
     monkeypatch.setenv("DOCKER_LABEL", manifest.source_digest())
-    assert main(["serve", "--repo", str(gpu_repo)]) == 0
+    assert main(["serve", "--repo", str(gpu_repo), "--image", "registry.example/hermes:1"]) == 0
     printed = shlex.split(capsys.readouterr().out.strip().splitlines()[0])
     assert ["docker", *json.loads(docker_stand_in.read_text())] == printed
+    inspect = json.loads(Path(f"{docker_stand_in}.inspect").read_text())
+    assert inspect == ["image", "inspect", "--format", '{{ index .Config.Labels "%s" }}' % SOURCE_LABEL,
+                       "registry.example/hermes:1"] and SOURCE_LABEL == "hermes-trtllm.source"  # the Dockerfile's
 
 
 @pytest.mark.parametrize("env,expected", [
     ({"DOCKER_LABEL": "0" * 64}, r"holds other code than this checkout \(source 000000000000, here .*make gpu-image"),
-    ({"DOCKER_NO_IMAGE": "1"}, r"is not on this host \(Error: No such image: .*make gpu-image"),
+    ({"DOCKER_INSPECT_ERROR": "Error: No such image: x"}, r"is not on this host: build it with `make gpu-image`"),
+    ({"DOCKER_INSPECT_ERROR": "Cannot connect to the Docker daemon at unix:///var/run/docker.sock"},
+     r"could not inspect the serving image .*: Cannot connect to the Docker daemon"),
 ])
 def test_gpu_serve_outside_refuses_an_image_it_cannot_trust(gpu_repo, docker_stand_in, capsys, monkeypatch, env,
                                                             expected):
@@ -408,11 +418,52 @@ def test_gpu_serve_outside_refuses_an_image_it_cannot_trust(gpu_repo, docker_sta
     assert re.search(expected, capsys.readouterr().err) and not docker_stand_in.exists()
 
 
-def test_gpu_serve_outside_warns_about_an_unlabelled_image(gpu_repo, docker_stand_in, capsys):
+@pytest.mark.parametrize("label,flags,warning", [
+    ("<no value>", [], "does not say which code it holds"),
+    ("0" * 64, ["--allow-image-mismatch"], "holds other code than this checkout"),
+])
+def test_gpu_serve_outside_warns_and_runs(gpu_repo, docker_stand_in, capsys, monkeypatch, label, flags, warning):
     from model_repo.__main__ import main
 
-    assert main(["serve", "--repo", str(gpu_repo)]) == 0
-    assert "does not say which code it holds" in capsys.readouterr().err and docker_stand_in.exists()
+    monkeypatch.setenv("DOCKER_LABEL", label)
+    assert main(["serve", "--repo", str(gpu_repo), *flags]) == 0
+    assert warning in capsys.readouterr().err and docker_stand_in.exists()
+
+
+def _source_copy(tmp_path: Path) -> Path:
+    """This checkout's files without its venvs, artifacts and history (setuptools writes into the tree)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".venv*", "artifacts", "results", ".git", "build"))
+    return tree
+
+
+def test_source_digest_is_the_same_for_a_checkout_and_an_install_of_it(tmp_path):
+    """The image's label is computed on the host from the checkout and checked in the image against the
+    installed copy: both must hash alike (setuptools installs the packages' .py files and presets)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(tmp_path / "site"), str(_source_copy(tmp_path))], check=True, capture_output=True)
+    installed = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                "from build_engine import manifest; print(manifest.__file__, manifest.source_digest())",
+                                str(tmp_path / "site")], cwd="/", capture_output=True, text=True, check=True).stdout.split()
+    assert installed[0].startswith(str(tmp_path / "site")) and installed[1] == manifest.source_digest()
+
+
+def test_source_digest_ignores_hidden_and_dangling_files(tmp_path, monkeypatch):
+    """An editor's lock file (a dangling symlink named .#x.py) or a notebook checkpoint in a package
+    folder is not installed: it must neither change the digest nor break it."""
+    tree = _source_copy(tmp_path)
+    digest = lambda: subprocess.run(  # noqa: E731  (the copy's own code: its folder comes first on sys.path)
+        [sys.executable, "-c", "from build_engine import manifest; assert manifest.__file__.startswith(%r); "
+         "print(manifest.source_digest())" % str(tree)], cwd=tree, capture_output=True, text=True,
+        check=True).stdout.strip()
+    before = digest()
+    assert before == manifest.source_digest()
+    (tree / "model_repo" / ".#server.py").symlink_to("root@host.1234:1700000000")
+    (tree / "build_engine" / ".ipynb_checkpoints").mkdir()
+    (tree / "build_engine" / ".ipynb_checkpoints" / "quantize-checkpoint.py").write_text("x = 1\n")
+    assert digest() == before
+    (tree / "model_repo" / "server.py").write_text((tree / "model_repo" / "server.py").read_text() + "\n# edited\n")
+    assert digest() != before
 
 
 def test_gpu_image_is_labelled_with_the_code_it_installs(tmp_path):
