@@ -269,6 +269,9 @@ class StallWatchdog:
             return None
 
 
+WORKER_FLAG = "--model-control-mode=explicit"  # what tells a leader-mode worker rank from the leader
+
+
 def leader_mode(server_args: list[str], world_size: int, engine_model: str = "tensorrt_llm") -> list[str]:
     """A tensor-parallel engine (world size > 1) as the TensorRT-LLM backend runs it in leader mode
     (TensorRT-LLM 1.2 triton_backend/scripts/launch_triton_server.py, and the backend README's
@@ -283,7 +286,7 @@ def leader_mode(server_args: list[str], world_size: int, engine_model: str = "te
         cmd += [":"] if rank else []
         cmd += ["-n", "1", "tritonserver", *server_args]
         if rank:
-            cmd += ["--model-control-mode=explicit", f"--load-model={engine_model}"]
+            cmd += [WORKER_FLAG, f"--load-model={engine_model}"]
         cmd += ["--disable-auto-complete-config", f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
     return cmd
 
@@ -357,8 +360,10 @@ def stop_signal(proc: subprocess.Popen, sig: int) -> None:
     mpirun, on SIGTERM or SIGINT, signals its ranks after odls_base_sigkill_timeout (1 s by default) and
     SIGKILLs them the same time later, so ranks that needed 8 s to drain were killed 2 s after the
     SIGTERM (a larger timeout only delays the ranks' SIGTERM as much). That would cut Triton's drain to
-    a second. Each rank gets the signal instead, as the backend's docs stop a leader-mode server
-    (`pkill tritonserver`); mpirun exits once its ranks have."""
+    a second. The ranks get the signal instead, as the backend's docs stop a leader-mode server
+    (`pkill tritonserver`), but in order: the leader (which serves every request) first, and the
+    workers once it has exited. A worker stopping first could end the job under the draining leader:
+    mpirun aborts the whole job when one rank exits non-zero. mpirun exits once its ranks have."""
     if proc.poll() is not None:  # gone already (its pid may be another process's by now)
         return
     if Path(str(proc.args[0])).name == "mpirun":  # inside the serving image, where [container] has psutil
@@ -366,11 +371,30 @@ def stop_signal(proc: subprocess.Popen, sig: int) -> None:
 
         try:
             ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "tritonserver"]
+            leaders = [p for p in ranks if WORKER_FLAG not in p.cmdline()]
         except psutil.NoSuchProcess:
-            ranks = []
-        for rank in ranks:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                rank.send_signal(sig)
+            ranks, leaders = [], []
         if ranks:
+            workers = [p for p in ranks if p not in leaders]
+            _signal_all(leaders or workers, sig)
+            if leaders and workers:
+                threading.Thread(target=_signal_after, args=(leaders, workers, sig), name="stop-workers",
+                                 daemon=True).start()
             return
     proc.send_signal(sig)  # tritonserver itself, docker (which passes it on), or an mpirun with no rank yet
+
+
+def _signal_all(procs, sig: int) -> None:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def _signal_after(first, then, sig: int) -> None:
+    """Signal `then` once every process of `first` has exited."""
+    import psutil
+
+    psutil.wait_procs(first)
+    _signal_all(then, sig)

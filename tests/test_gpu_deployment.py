@@ -57,9 +57,10 @@ for rank in range(min(mapping["world_size"], int(os.environ.get("TRTLLM_BUILD_RA
 rank = os.environ.get("OMPI_COMM_WORLD_RANK")  # under mpirun: one file per rank
 out = os.environ["TRITONSERVER_ARGV_FILE"] + (f".rank{rank}" if rank else "")
 def drain(sig, _):  # Triton drains on SIGTERM/SIGINT (for TRITONSERVER_DRAIN_S here) and exits 0
+    open(out + ".signal_at", "w").write(repr(time.time()))
     open(out + ".signal", "w").write(signal.Signals(sig).name)
     time.sleep(float(os.environ.get("TRITONSERVER_DRAIN_S", "0")))
-    open(out + ".drained", "w").write("")
+    open(out + ".drained", "w").write(repr(time.time()))
     sys.exit(0)
 signal.signal(signal.SIGTERM, drain)
 signal.signal(signal.SIGINT, drain)
@@ -331,8 +332,9 @@ def test_tp2_serve_outside_the_container_runs_in_docker_with_nccls_limits(gpu_en
 
 def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, tmp_path):
     """A pod stopping sends SIGTERM to `serve`. Under the real Open MPI mpirun (Debian's openmpi-bin,
-    as the Makefile installs it), every rank must get it and drain for as long as it needs: mpirun
-    itself, signalled, kills its ranks about two seconds later (server.stop_signal)."""
+    as the Makefile installs it), every rank must get it and drain for as long as it needs (mpirun
+    itself, signalled, kills its ranks about two seconds later: server.stop_signal), the leader first
+    and the worker only once the leader has exited."""
     import signal
     import time
 
@@ -342,7 +344,7 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
     argv_file = tmp_path / "argv.json"
     # Open MPI counts physical cores as slots: a machine with one core and two threads would refuse -n 2.
     env = {**os.environ, "TRITONSERVER_ARGV_FILE": str(argv_file), "TRITONSERVER_RUN_S": "120",
-           "TRITONSERVER_DRAIN_S": "5", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+           "TRITONSERVER_DRAIN_S": "3", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(repo)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
@@ -354,10 +356,12 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert time.monotonic() - sent >= 5
+        assert time.monotonic() - sent >= 6  # two drains of 3 s, one after the other
         for r in ranks:
             assert Path(f"{r}.signal").read_text() == "SIGTERM"
             assert Path(f"{r}.drained").exists(), f"{r.name} was killed before its drain ended"
+        leader, worker = ranks
+        assert float(Path(f"{worker}.signal_at").read_text()) >= float(Path(f"{leader}.drained").read_text())
     finally:
         if proc.poll() is None:
             proc.kill()
