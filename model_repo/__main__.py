@@ -82,19 +82,23 @@ def _serve_gpu(repo: Path, ports, args) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    if not inside:
-        if shutil.which("docker") is None:
-            raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
-                            f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA container "
-                            "toolkit")
-        warning = check_serving_image(args.image, allow_mismatch=args.allow_image_mismatch)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
     # In a session of its own, the server gets the terminal's Ctrl-C from this process only (stop_signal
-    # says why mpirun must not get it at all).
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        with _forwarding_signals(proc):  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
+    # says why mpirun must not get it at all). The relay is in place before the server starts, so that
+    # no stop signal can end this process and leave the server running unsupervised.
+    with _forwarding_signals() as relay:  # SIGTERM (a pod stopping) and Ctrl-C reach tritonserver: it drains
+        if not inside:
+            if shutil.which("docker") is None:
+                raise UserError(f"serving a GPU engine needs tritonserver (inside {args.image}, built from "
+                                f"{container.DEFAULT_IMAGE} with `make gpu-image`) or docker with the NVIDIA "
+                                "container toolkit")
+            warning = check_serving_image(args.image, allow_mismatch=args.allow_image_mismatch)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        if relay.pending is not None:
+            return 0  # told to stop before the server started
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            relay.attach(proc)
             if not args.openai_port:
                 return proc.wait()
             # With the OpenAI frontend: Triton (host networking either way) plus the frontend in this process.
@@ -105,25 +109,46 @@ def _serve_gpu(repo: Path, ports, args) -> int:
                 return proc.wait()
             finally:
                 frontend.should_exit = True
-    finally:
-        if proc.poll() is None:  # serve is leaving early (an error): the server, in its own session, goes too
-            stop_signal(proc, signal.SIGTERM)
-            proc.wait()
+        finally:
+            if proc.poll() is None:  # serve is leaving early (an error): the server, in its own session, goes too
+                stop_signal(proc, signal.SIGTERM)
+                proc.wait()
+
+
+class _SignalRelay:
+    """Passes SIGINT, SIGTERM and SIGHUP (as SIGTERM: a hangup, the terminal or ssh session closing,
+    stops the server rather than leaving it running in its own session) on to the server `proc` runs
+    (server.stop_signal). One that arrives before there is a server is kept in `pending`."""
+
+    RELAY = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+
+    def __init__(self):
+        self.proc = None
+        self.pending: signal.Signals | None = None
+
+    def __call__(self, sig, _frame) -> None:
+        if self.proc is None:
+            self.pending = self.RELAY[sig]
+        else:
+            stop_signal(self.proc, self.RELAY[sig])
+
+    def attach(self, proc) -> None:
+        self.proc = proc
+        if self.pending is not None:
+            stop_signal(proc, self.pending)
 
 
 @contextlib.contextmanager
-def _forwarding_signals(proc):
-    """Pass SIGINT, SIGTERM and SIGHUP (as SIGTERM) on to the server `proc` runs (server.stop_signal)
-    while it runs (in the main thread, where Python handles them)."""
+def _forwarding_signals():
+    """A _SignalRelay handling the stop signals while the block runs (in the main thread, where Python
+    handles them; elsewhere it relays nothing)."""
+    relay = _SignalRelay()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield relay
         return
-    # A hangup (the terminal or ssh session closing) stops the server as SIGTERM does, rather than
-    # leaving it running in its own session.
-    relay = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-    previous = {sig: signal.signal(sig, lambda sig, _: stop_signal(proc, relay[sig])) for sig in relay}
+    previous = {sig: signal.signal(sig, relay) for sig in relay.RELAY}
     try:
-        yield
+        yield relay
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

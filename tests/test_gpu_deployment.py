@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,7 +250,6 @@ def test_gpu_serve_passes_stop_signals_to_tritonserver_and_returns_its_exit_code
     must get it to drain, rather than be killed when the grace period ends. The server runs in a session
     of its own, so a hangup (the terminal closing) must stop it as SIGTERM does, not leave it running."""
     import signal
-    import time
 
     argv_file = tmp_path / "argv.json"
     env = {**os.environ, "TRITONSERVER_ARGV_FILE": str(argv_file), "TRITONSERVER_RUN_S": "60"}
@@ -336,7 +336,6 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
     itself, signalled, kills its ranks about two seconds later: server.stop_signal), the leader first
     and the worker only once the leader has exited."""
     import signal
-    import time
 
     from model_repo.generate import generate
 
@@ -372,13 +371,15 @@ def test_tp2_serve_drains_every_rank_on_sigterm_under_open_mpi(gpu_engine_tp2, t
 @pytest.fixture
 def docker_stand_in(gpu_tools, tmp_path, monkeypatch):
     """`docker` on a host without tritonserver: `image inspect` (its argv recorded) answers with
-    DOCKER_LABEL as the image's source label, or fails with DOCKER_INSPECT_ERROR; `run` records its
-    argv and exits 0."""
+    DOCKER_LABEL as the image's source label (after DOCKER_INSPECT_S seconds), or fails with
+    DOCKER_INSPECT_ERROR; `run` records its argv and exits 0."""
     bin_dir = tmp_path / "host-bin"
     bin_dir.mkdir()
     _script(bin_dir / "docker", """import json, os, sys
 if sys.argv[1:3] == ["image", "inspect"]:
     open(os.environ["DOCKER_ARGV_FILE"] + ".inspect", "w").write(json.dumps(sys.argv[1:]))
+    if os.environ.get("DOCKER_INSPECT_S"):
+        import time; time.sleep(float(os.environ["DOCKER_INSPECT_S"]))
     if os.environ.get("DOCKER_INSPECT_ERROR"):
         sys.exit(os.environ["DOCKER_INSPECT_ERROR"])
     print(os.environ.get("DOCKER_LABEL", "<no value>"))
@@ -432,6 +433,42 @@ def test_gpu_serve_outside_warns_and_runs(gpu_repo, docker_stand_in, capsys, mon
     monkeypatch.setenv("DOCKER_LABEL", label)
     assert main(["serve", "--repo", str(gpu_repo), *flags]) == 0
     assert warning in capsys.readouterr().err and docker_stand_in.exists()
+
+
+def test_a_stop_signal_before_the_server_starts_stops_serve_and_starts_nothing(gpu_repo, docker_stand_in,
+                                                                              monkeypatch):
+    """serve's stop signals are relayed from before the server starts: one that came after the server
+    had started but before the relay was in place would end serve and leave the server (in a session
+    of its own) running with no one to stop it."""
+    import signal
+
+    monkeypatch.setenv("DOCKER_LABEL", manifest.source_digest())
+    monkeypatch.setenv("DOCKER_INSPECT_S", "30")
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(gpu_repo)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL)
+    inspecting = Path(f"{docker_stand_in}.inspect")
+    deadline = time.monotonic() + 30
+    while not inspecting.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inspecting.exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0  # a clean stop, not killed by the signal (-15)
+    assert not docker_stand_in.exists()  # and no `docker run`
+
+
+def test_the_relay_passes_a_signal_that_came_before_the_server_on_once_it_exists():
+    import signal
+
+    from model_repo.__main__ import _forwarding_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with _forwarding_signals() as relay:
+        os.kill(os.getpid(), signal.SIGHUP)  # handled (in this, the main thread) before kill returns
+        assert relay.pending == signal.SIGTERM
+        server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        relay.attach(server)
+        assert server.wait(20) == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGHUP) == before  # restored
 
 
 def _source_copy(tmp_path: Path) -> Path:
@@ -627,8 +664,6 @@ def test_gpu_serve_with_openai_port_runs_the_frontend_beside_tritonserver(gpu_re
                 models = json.loads(r.read())
             break
         except OSError:
-            import time
-
             time.sleep(0.1)
     t.join(timeout=30)
     assert models["data"][0]["id"] == "tiny-hermes" and codes == [0]
