@@ -80,7 +80,8 @@ def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.Engin
     limits = limits or presets.limits_for(ck_manifest)
     # The world size is the checkpoint's (its mapping, from `quantize --tp-size`): trtllm-build takes no
     # TP flag and builds one rank<r>.engine per rank, `--workers` of them at once (one per GPU).
-    world_size = checkpoint.read_config(ckpt)["mapping"]["world_size"]
+    ck_config = checkpoint.read_config(ckpt)
+    world_size = ck_config["mapping"]["world_size"]
     cmd = build_command(ckpt, output, limits, workers=world_size)
     if dry_run:
         return cmd
@@ -110,6 +111,9 @@ def build(ckpt: Path, output: Path, dry_run: bool = False, limits: presets.Engin
                        # What the build really ran in: NVIDIA's containers set NVIDIA_TRITON_SERVER_VERSION.
                        container_release=os.environ.get("NVIDIA_TRITON_SERVER_VERSION"),
                        tensorrt_llm=version, world_size=world_size,
+                       # The width the engine samples over: the checkpoint's vocab_size, which ModelOpt pads to a
+                       # multiple of 64 with zero rows (logit 0): ids the tokenizer does not have, unless banned.
+                       engine_vocab_size=ck_config["vocab_size"],
                        runtime={"kv_cache_free_gpu_mem_fraction": limits.kv_cache_free_gpu_mem_fraction},
                        model=facts, limits=vars(limits))
     return cmd

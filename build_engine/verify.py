@@ -39,16 +39,18 @@ class VerifySettings:
 
 def engine_logits(engine_dir: Path, ids: list[int], chunk: int = 1) -> np.ndarray:
     """The engine's logits after each chunk of `ids`, fed through its KV cache as the scheduler
-    feeds a prompt: with chunk=1, one row per position [S, V] (every step a decode step)."""
+    feeds a prompt: with chunk=1, one row per position [S, V] (every step a decode step), over the
+    tokenizer's vocabulary (the padded ids, which the Triton models ban, dropped)."""
     from build_engine.cpu.decoder import Decoder
 
+    vocab = manifest.read(engine_dir, "cpu-engine")["model"]["vocab_size"]
     dec = _DECODERS.get(str(engine_dir))
     if dec is None or dec.capacity < len(ids):
         dec = _DECODERS[str(engine_dir)] = Decoder(engine_dir, rows=1, capacity=max(len(ids), 256))
     rows = []
     for start in range(0, len(ids), chunk):
         end = min(start + chunk, len(ids))
-        rows.append(dec.forward(0, np.array([ids[start:end]], dtype=np.int64), [end])[0].copy())
+        rows.append(dec.forward(0, np.array([ids[start:end]], dtype=np.int64), [end])[0, ..., :vocab].copy())
     dec.release(0)
     return np.stack(rows)
 
@@ -121,15 +123,16 @@ def _engine_vs_reference(engine_dir: Path, ref, tok, runs: list[dict], settings:
 
 def _engine_perplexity(engine_dir: Path, windows: list[list[int]]) -> float:
     """The engine's own perplexity on the held-out windows (equal lengths), all windows decoded
-    together, one position per step."""
+    together, one position per step, over the tokenizer's vocabulary (as engine_logits)."""
     from build_engine.cpu.decoder import Decoder
 
+    vocab = manifest.read(engine_dir, "cpu-engine")["model"]["vocab_size"]
     ids = np.array(windows, dtype=np.int64)
     rows, length = ids.shape
     dec = Decoder(engine_dir, rows=rows, capacity=length)
     nll = 0.0
     for t in range(length - 1):
-        x = dec.forward(0, ids[:, t:t + 1], [t + 1] * rows).astype(np.float64)
+        x = dec.forward(0, ids[:, t:t + 1], [t + 1] * rows)[..., :vocab].astype(np.float64)
         x -= x.max(-1, keepdims=True)
         nll -= float((x[np.arange(rows), ids[:, t + 1]] - np.log(np.exp(x).sum(-1))).sum())
     return math.exp(nll / (rows * (length - 1)))

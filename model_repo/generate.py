@@ -65,7 +65,9 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
     max_output_len = limits["max_seq_len"] - 1
     tok = {"tokenizer_dir": str(tokenizer_dir), "end_id": str(end_id), "pad_id": str(pad_id),
            "max_input_len": str(limits["max_input_len"]), "max_output_len": str(max_output_len),
-           "max_seq_len": str(limits["max_seq_len"])}
+           "max_seq_len": str(limits["max_seq_len"]),
+           # The vocabulary the engine samples over; the ids past the tokenizer's are banned (common.padding_ids).
+           "engine_vocab_size": str(eng["engine_vocab_size"])}
     pre = ModelSpec(
         "preprocessing", "python", max_batch_size,
         inputs=[Tensor("QUERY", S, (1,), True), Tensor("REQUEST_OUTPUT_LEN", I32, (1,), True),
@@ -134,6 +136,9 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
     target = {"cpu-engine": "cpu", "trtllm-engine": "gpu"}.get(m["kind"])
     if target is None:
         raise UserError(f"{engine_dir} holds a {m['kind']!r}, not an engine (build one with python -m build_engine build)")
+    if "engine_vocab_size" not in m:
+        raise UserError(f"{engine_dir} was built by an earlier hermes-trtllm and does not record the vocabulary its "
+                        "engine samples over: rebuild it")
     mbs = max_batch_size or m["limits"]["max_batch_size"]
     queue = max_queue_size or QUEUE_PER_BATCH_SLOT * mbs
     if mbs < 1 or instances < 1 or queue < 1:
@@ -159,6 +164,6 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                        target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances,
                                                                      "max_queue_size": queue},
                        # GPUs the engine spans: `serve` launches one tritonserver per GPU (leader mode) above 1.
-                       world_size=m.get("world_size", 1),
+                       world_size=m.get("world_size", 1), engine_vocab_size=m["engine_vocab_size"],
                        model=m["model"], limits=m["limits"])
     return output

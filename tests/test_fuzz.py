@@ -45,6 +45,7 @@ class Limits:
     max_input: int
     max_seq: int
     max_batch: int
+    engine_vocab: int  # the ids tensorrt_llm takes and can emit: the padded vocabulary (common.padding_ids)
 
     @property
     def max_output(self) -> int:
@@ -55,7 +56,7 @@ class Limits:
 def lim(tiny_server) -> Limits:
     m = json.loads((tiny_server.repo / "manifest.json").read_text())
     return Limits(m["model"]["vocab_size"], m["limits"]["max_input_len"], m["limits"]["max_seq_len"],
-                  m["settings"]["max_batch_size"])
+                  m["settings"]["max_batch_size"], m["engine_vocab_size"])
 
 
 # -- requests and transports ------------------------------------------------------------------------
@@ -333,17 +334,18 @@ def words_list(vocab: int, oov: bool):
 
 
 def llm_domains(lim: Limits) -> dict:
-    ids = st.integers(0, lim.vocab - 1)
+    ids = st.integers(0, lim.engine_vocab - 1)
     bad_ids = st.one_of(st.just([]),
                         st.builds(lambda a, b, c: a + [b] + c, st.lists(ids, max_size=4),
-                                  st.integers(lim.vocab, 2**31 - 1) | st.integers(-2**31, -1), st.lists(ids, max_size=4)),
+                                  st.integers(lim.engine_vocab, 2**31 - 1) | st.integers(-2**31, -1),
+                                  st.lists(ids, max_size=4)),
                         st.lists(ids, min_size=lim.max_input + 1, max_size=lim.max_input + 64))
     return {"input_ids": ("INT32", st.lists(ids, min_size=1, max_size=16), bad_ids),
             "request_output_len": ("INT32", st.integers(1, 3), st.integers(-2**31, 0) | st.integers(lim.max_seq, 2**31 - 1)),
             **sampling({"top_k": "runtime_top_k", "top_p": "runtime_top_p", "stream": "streaming"},
                        engine_reads_top_p=True),
-            "stop_words_list": ("INT32", words_list(lim.vocab, False), words_list(lim.vocab, True)),
-            "bad_words_list": ("INT32", words_list(lim.vocab, False), words_list(lim.vocab, True))}
+            "stop_words_list": ("INT32", words_list(lim.engine_vocab, False), words_list(lim.engine_vocab, True)),
+            "bad_words_list": ("INT32", words_list(lim.engine_vocab, False), words_list(lim.engine_vocab, True))}
 
 
 # -- request strategies -------------------------------------------------------------------------------
@@ -533,7 +535,8 @@ def llm_checker(lim: Limits):
             ids = r.get("output_ids")
             if ids is not None:
                 assert rows_of(ids) == req.rows, f"a batch of {req.rows} answered with {rows_of(ids)} row(s)"
-                assert ((0 <= ids) & (ids < lim.vocab)).all(), f"output ids outside the vocabulary: {ids}"
+                # As TensorRT-LLM's: any id of the padded vocabulary (the text models ban the padding).
+                assert ((0 <= ids) & (ids < lim.engine_vocab)).all(), f"output ids outside the vocabulary: {ids}"
                 assert r.get("sequence_length") is not None
     return check
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from build_engine import UserError, container, manifest, presets, trtllm
+from build_engine import UserError, checkpoint, container, manifest, presets, trtllm
 from model_repo import backend_contract
 from model_repo.config import parse
 
@@ -147,7 +147,7 @@ def test_backend_contract_states_the_upstream_facts():
                                                          "xgrammar_tokenizer_info_path", "guided_decoding_backend"}
 
 
-def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_engine, tmp_path):
+def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_engine, tiny_ckpt, tmp_path):
     from model_repo.generate import generate
 
     cpu = parse((generate(tiny_engine, tmp_path / "cpu-repo") / "tensorrt_llm" / "config.pbtxt").read_text())
@@ -161,6 +161,14 @@ def test_cpu_and_gpu_tensorrt_llm_configs_differ_only_in_backend(gpu_repo, tiny_
            for t, repo in (("cpu", tmp_path / "cpu-repo"), ("gpu", gpu_repo))}
     for key in ("engine_failure_marker", "engine_cancel_channel"):
         assert (bls["cpu"][key].string_value, bls["gpu"][key].string_value) == ("true", "false")
+    # Both engines sample over the checkpoint's padded vocabulary (ModelOpt: 32002 -> 32064, zero rows; TensorRT-LLM
+    # takes the checkpoint config's vocab_size), and the text models of both ban the padding (common.padding_ids).
+    padded = checkpoint.read_config(tiny_ckpt)["vocab_size"]
+    assert padded == 32064
+    for repo in (tmp_path / "cpu-repo", gpu_repo):
+        for model in ("tensorrt_llm_bls", "preprocessing"):
+            params = parse((repo / model / "config.pbtxt").read_text()).parameters
+            assert params["engine_vocab_size"].string_value == str(padded)
 
 
 @pytest.mark.parametrize("breakage,expected", [

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from build_engine import manifest
 from client import Message, format_chatml
 from tests.triton_util import (engine_metrics, http_post, inputs, llm_inputs, ready, stream_call, stream_results,
                                wait_engine_idle, wait_for)
@@ -428,3 +429,37 @@ def test_serve_command_forwards_logs_and_stops_cleanly_on_sigterm(tiny_engine, t
     assert proc.returncode == 0, err
     assert f"gRPC 127.0.0.1:{grpc}" in out and f"OpenAI http://127.0.0.1:{oa}/v1" in out
     assert "successfully loaded 'tensorrt_llm_bls'" in err  # the server's own log, forwarded
+
+
+def test_the_engines_padded_vocabulary_is_sampled_by_tensorrt_llm_and_banned_by_the_text_models(tiny_server,
+                                                                                                tiny_engine):
+    """ModelOpt pads tiny-hermes' vocabulary (32002 ids, as Nous-Hermes-2-Mistral's) to 32064 with zero rows,
+    and TensorRT-LLM samples over the whole padded width: logit 0 for every id the tokenizer lacks. The CPU
+    engine does the same, so a sampled request to tensorrt_llm itself draws such ids, as on the GPU; the
+    ensemble and the BLS ban them (common.padding_ids), so the same requests through them all succeed,
+    their ids all the tokenizer's (postprocessing refuses any other; the BLS fails the request)."""
+    from build_engine.cpu.decoder import Decoder
+
+    m = manifest.read(tiny_engine, "cpu-engine")
+    real, padded = m["model"]["vocab_size"], m["engine_vocab_size"]
+    assert (real, padded) == (32002, 32064)
+    dec = Decoder(tiny_engine, rows=1, capacity=16)
+    logits = dec.forward(0, np.array([[1, 2, 3]], dtype=np.int64), [3])
+    assert logits.shape[-1] == padded and not logits[..., real:].any() and logits[..., :real].any()
+
+    prompt = format_chatml(QUESTION)
+    ids = chat_ids(tiny_server.repo / "preprocessing" / "tokenizer", QUESTION)
+    n, seeds = 400, range(4)
+    sampled = {"temperature": (1.0, "FP32"), "runtime_top_p": (1.0, "FP32")}
+    drawn = []
+    for seed in seeds:
+        results, err = stream_results(tiny_server.grpc_url, "tensorrt_llm",
+                                      llm_inputs(ids, n, **sampled, seed=(seed, "UINT64")))
+        assert err is None, err
+        drawn += results[-1].as_numpy("output_ids").reshape(-1).tolist()
+    assert len(drawn) == n * len(seeds) and any(i >= real for i in drawn)  # the hazard is real here too
+    for model in ("ensemble", "tensorrt_llm_bls"):
+        for seed in seeds:
+            results, err = stream_results(tiny_server.grpc_url, model, inputs(
+                prompt, n, False, temperature=(1.0, "FP32"), top_p=(1.0, "FP32"), seed=(seed, "UINT64")))
+            assert err is None, f"{model}, seed {seed}: {err}"

@@ -32,7 +32,8 @@ def llm_inputs(ids: list[int], max_tokens: int, **extra):
                "input_lengths": (np.array([[len(ids)]], dtype=np.int32), "INT32"),
                "request_output_len": (np.array([[max_tokens]], dtype=np.int32), "INT32")}
     for name, (value, dtype) in extra.items():
-        tensors[name] = (np.array([[value]], dtype={"INT32": np.int32, "BOOL": np.bool_}[dtype]), dtype)
+        tensors[name] = (np.array([[value]], dtype={"INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32,
+                                                   "UINT64": np.uint64}[dtype]), dtype)
     out = []
     for name, (arr, dtype) in tensors.items():
         x = grpcclient.InferInput(name, list(arr.shape), dtype)

@@ -11,8 +11,10 @@ Per layer (x: [B, S, H]; p_* the AWQ pre-quant factors, folded where the algebra
   h' = SkipSimplifiedLayerNorm(x', x)             # weight * p_fc
   m  = silu(MatMulNBits(h')) * MatMulNBits'(h' * p_gate / p_fc)   # ' : scales rows * p_proj
   x'' = x' + MatMulNBits(m)
-logits = ln_f(x)[:, -1] @ lm_head[:real_vocab]^T  # last position only; padded rows dropped, never sampled
-                                                 # (lm_head fp32 = exact, or int8/int4 MatMulNBits = fast)
+logits = ln_f(x)[:, -1] @ lm_head^T  # last position only; (lm_head fp32 = exact, or int8/int4 MatMulNBits = fast)
+The logits span the checkpoint's padded vocabulary, as the TensorRT-LLM engine's do: ModelOpt pads the
+table to a multiple of 64 with zero rows, whose logits are 0, so either engine can sample an id the
+tokenizer does not have unless the request bans them (the Triton models do: common.padding_ids).
 """
 
 from __future__ import annotations
@@ -154,10 +156,10 @@ def _mlp(g: _Graph, ck: checkpoint.Checkpoint, i: int, h: str, pre: dict, fold_f
     return _linear(g, ck, i, "mlp.proj", g.node("Mul", [act, up], f"layers.{i}/gated")[0], accuracy_level, None)
 
 
-def _lm_head(g: _Graph, ck: checkpoint.Checkpoint, last: str, real_vocab: int, lm_head: str, accuracy_level: int):
+def _lm_head(g: _Graph, ck: checkpoint.Checkpoint, last: str, lm_head: str, accuracy_level: int):
     from onnx import helper
 
-    head = ck.tensor("lm_head.weight")[:real_vocab]  # [V, H]
+    head = ck.tensor("lm_head.weight")  # [V padded, H], as trtllm-build takes it
     if lm_head == "fp32":  # exact: dense as in the checkpoint (excluded from AWQ); fp16 -> fp32 is exact
         g.nodes.append(helper.make_node("MatMul", [last, g.init("lm_head", head.T.copy())], ["logits"], name="lm_head"))
     else:  # the fast options, per row and block of 32: int8 reads a quarter of the bytes per token, int4 an eighth
@@ -169,7 +171,7 @@ def _lm_head(g: _Graph, ck: checkpoint.Checkpoint, last: str, real_vocab: int, l
             block_size=LM_HEAD_BLOCK, accuracy_level=accuracy_level))
 
 
-def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int | None, context_length: int,
+def build_graph(ck: checkpoint.Checkpoint, sliding_window: int | None, context_length: int,
                 accuracy_level: int, lm_head: str = "fp32"):
     """The decoder as an onnx.ModelProto (weights inline; saved with external data): embedding, the
     decoder layers (norm, attention, norm, MLP, residuals fused into the norms), the final norm and
@@ -182,7 +184,7 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
     g = _Graph()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, real_vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, ck.shapes.vocab_padded])]
     mask = _mask_inputs(g)
     cos, sin = rotary_cache(context_length, s.head_dim, float(cfg["rotary_base"]))
     rope = (g.init("cos_cache", cos), g.init("sin_cache", sin))
@@ -218,7 +220,7 @@ def build_graph(ck: checkpoint.Checkpoint, real_vocab: int, sliding_window: int 
     final = g.node("SkipSimplifiedLayerNormalization", [residual, x, g.init("ln_f", ck.tensor("transformer.ln_f.weight"))],
                    "ln_f", n_out=4, domain="com.microsoft", epsilon=eps)[0]
     last = g.node("Gather", [final, g.init("const.last", np.array([-1], dtype=np.int64))], "last_token", axis=1)[0]
-    _lm_head(g, ck, last, real_vocab, lm_head, accuracy_level)
+    _lm_head(g, ck, last, lm_head, accuracy_level)
 
     graph = helper.make_graph(g.nodes, "hermes_trtllm_cpu_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
@@ -244,7 +246,7 @@ def genai_config(ck: checkpoint.Checkpoint, facts: dict, context_length: int, ma
         "model": {
             "type": TRT_TO_HF_TYPE.get(ck.config["architecture"], "llama"),
             "bos_token_id": facts["bos_id"], "eos_token_id": facts["end_id"], "pad_token_id": facts["pad_id"],
-            "vocab_size": facts["vocab_size"], "context_length": context_length, "decoder": decoder,
+            "vocab_size": s.vocab_padded, "context_length": context_length, "decoder": decoder,
         },
         "engine": {"static_batching": {"max_batch_size": max_batch_size}},
         "search": {"do_sample": False, "max_length": context_length, "min_length": 0, "num_beams": 1,
@@ -272,7 +274,7 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4, lm_head: str = "fp3
     ck = checkpoint.Checkpoint(ckpt)
 
     with manifest.staging(output) as tmp:
-        model = build_graph(ck, facts["vocab_size"], facts.get("sliding_window"), context_length, accuracy_level,
+        model = build_graph(ck, facts.get("sliding_window"), context_length, accuracy_level,
                             lm_head)
         onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=MODEL_FILE + ".data", size_threshold=1024)
@@ -286,12 +288,14 @@ def build(ckpt: Path, output: Path, accuracy_level: int = 4, lm_head: str = "fp3
             settings={"accuracy_level": accuracy_level, "context_length": context_length,
                       "sliding_window": facts.get("sliding_window"), "kv_cache_dtype": "float32",
                       "group_size": ck.shapes.group_size, "lm_head": lm_head, "lm_head_detail": {
-                          "fp32": "dense fp32, sliced to the real vocabulary (exact)",
+                          "fp32": "dense fp32 (exact)",
                           "int8": f"int8 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits",
                           "int4": f"int4 symmetric per row and block of {LM_HEAD_BLOCK}, MatMulNBits"}[lm_head],
                       "logits": "last position",
                       "prequant": "qkv's folded into input_layernorm, fc's into post_layernorm (gate keeps "
                                   "gate/fc), proj's into gate's scales; dense's a Mul"},
             limits=vars(limits), model=facts,
+            # The width it samples over: the checkpoint's padded vocabulary (rows past the tokenizer's are zero).
+            engine_vocab_size=ck.shapes.vocab_padded,
         )
     return output

@@ -6,7 +6,7 @@ multi-byte character, so the concatenated deltas equal the non-streamed text.
 
 TensorRT-LLM's backend has no default end id (a request without one never stops), so every inner
 request carries an end and a pad id: the request's own, else the tokenizer's, as preprocessing settles
-them for the ensemble."""
+them for the ensemble; and bans the ids the engine has but the tokenizer lacks (common.padding_ids)."""
 
 import collections
 import dataclasses
@@ -19,8 +19,8 @@ from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
 from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelCheck, CancelSender,
                                              InnerRequestIds, PromptEncoder, StopText, check_no_parameters,
-                                             engine_sampling, failure_message, params, refusal, scalar, strings,
-                                             to_words_list)
+                                             engine_sampling, failure_message, padding_ids, params, refusal, scalar,
+                                             strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
@@ -38,6 +38,7 @@ class TritonPythonModel:
         self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
         self.max_output_len, self.max_seq_len = int(p["max_output_len"]), int(p["max_seq_len"])
+        self.padding, self.vocab_size = padding_ids(self.tok, p), len(self.tok)
         self.llm = p.get("tensorrt_llm_model_name", "tensorrt_llm")
         # CPU deployments only (Triton 2.51): see common.FAILURE_MARKER.
         self.failure_marker = p.get("engine_failure_marker", "false") == "true"
@@ -69,10 +70,12 @@ class TritonPythonModel:
         ]
         for name, v in engine_sampling(given).items():
             tensors.append(pb_utils.Tensor(name, v))
-        for name, target in (("stop_words", "stop_words_list"), ("bad_words", "bad_words_list")):
-            words = strings(pb_utils, request, name)
-            if words:
-                tensors.append(pb_utils.Tensor(target, to_words_list(self.tok, words)[None]))
+        stop_words = strings(pb_utils, request, "stop_words")
+        if stop_words:
+            tensors.append(pb_utils.Tensor("stop_words_list", to_words_list(self.tok, stop_words)[None]))
+        bad_words = strings(pb_utils, request, "bad_words")
+        if bad_words or self.padding:
+            tensors.append(pb_utils.Tensor("bad_words_list", to_words_list(self.tok, bad_words, self.padding)[None]))
         # The engine request's id carries the caller's, so the engine's log lines can be traced to it.
         rid = self._ids.next(request.request_id()) + (FAILURE_MARKER if self.failure_marker else "")
         return pb_utils.InferenceRequest(model_name=self.llm, inputs=tensors, request_id=rid,
@@ -157,6 +160,9 @@ class TritonPythonModel:
             if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
                 continue
             new = [int(t) for t in out.as_numpy().reshape(-1)]
+            unknown = [t for t in new if not 0 <= t < self.vocab_size]
+            if unknown:  # the tokenizer would drop it from the text without a word
+                raise RuntimeError(f"the engine emitted token id {unknown[0]}, which the tokenizer does not have")
             n_out += len(new)
             delta = cut.push("".join(detok.push(t) for t in new))
             if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on

@@ -46,17 +46,29 @@ def strings(pb_utils, request, name: str) -> list[str]:
     return [s for s in out if s]
 
 
-def to_words_list(tokenizer, words: list[str]) -> np.ndarray:
-    """TensorRT-LLM's [2, L] words list: row 0 the concatenated ids, row 1 the end offsets (-1 padded)."""
+def to_words_list(tokenizer, words: list[str], banned_ids: list[int] = ()) -> np.ndarray:
+    """TensorRT-LLM's [2, L] words list: row 0 the concatenated ids, row 1 the end offsets (-1 padded);
+    each of `banned_ids` a word of its own (one token: banned at every step)."""
     ids, offsets = [], []
     for w in words:
         ids.extend(tokenizer(w, add_special_tokens=False)["input_ids"])
+        offsets.append(len(ids))
+    for i in banned_ids:
+        ids.append(int(i))
         offsets.append(len(ids))
     n = max(len(ids), 1)
     out = np.full((2, n), -1, dtype=np.int32)
     out[0, : len(ids)] = ids
     out[1, : len(offsets)] = offsets
     return out
+
+
+def padding_ids(tokenizer, p: dict[str, str]) -> list[int]:
+    """The ids the engine can sample but the tokenizer does not have: ModelOpt pads the vocabulary to a
+    multiple of 64 with zero rows (Nous-Hermes-2-Mistral: 32002 -> 32064), whose logits are 0, not -inf,
+    and TensorRT-LLM samples over the checkpoint's whole vocab_size (the engine's `engine_vocab_size`,
+    a model parameter). Every request to tensorrt_llm bans them as one-token bad words."""
+    return list(range(len(tokenizer), int(p["engine_vocab_size"])))
 
 
 def from_words_list(arr: np.ndarray) -> list[list[int]]:

@@ -1,12 +1,13 @@
-"""preprocessing: text -> token ids (the model's HF tokenizer; BOS added exactly once)."""
+"""preprocessing: text -> token ids (the model's HF tokenizer; BOS added exactly once), and the word
+lists, the bad words with the engine's padding ids (common.padding_ids)."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from build_engine.tokenization import load_tokenizer
 
 from client.limits import check_sampling
-from model_repo.triton_models.common import (BadRequest, PromptEncoder, check_no_parameters, params, refusal, scalar,
-                                             strings, to_words_list)
+from model_repo.triton_models.common import (BadRequest, PromptEncoder, check_no_parameters, padding_ids, params,
+                                             refusal, scalar, strings, to_words_list)
 
 
 class TritonPythonModel:
@@ -16,6 +17,7 @@ class TritonPythonModel:
         self.end_id, self.pad_id = int(p["end_id"]), int(p["pad_id"])
         self.prompts = PromptEncoder(self.tok, int(p["max_input_len"]))
         self.max_output_len, self.max_seq_len = int(p["max_output_len"]), int(p["max_seq_len"])
+        self.padding = padding_ids(self.tok, p)
 
     def _one(self, request):
         check_no_parameters(request)  # the ensemble passes its request's parameters to each step
@@ -34,7 +36,8 @@ class TritonPythonModel:
             pb_utils.Tensor("OUT_END_ID", np.array([[end_id]], dtype=np.int32)),
             pb_utils.Tensor("OUT_PAD_ID", np.array([[pad_id]], dtype=np.int32)),
             pb_utils.Tensor("STOP_WORDS_IDS", to_words_list(self.tok, strings(pb_utils, request, "STOP_WORDS"))[None]),
-            pb_utils.Tensor("BAD_WORDS_IDS", to_words_list(self.tok, strings(pb_utils, request, "BAD_WORDS"))[None]),
+            pb_utils.Tensor("BAD_WORDS_IDS", to_words_list(self.tok, strings(pb_utils, request, "BAD_WORDS"),
+                                                           self.padding)[None]),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
