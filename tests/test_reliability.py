@@ -229,6 +229,41 @@ def test_a_full_queue_refuses_with_an_overloaded_error_and_serves_the_rest(small
     assert [getattr(done[i], "completion_tokens", done[i]) for i in (0, 1)] == [60, 60]
 
 
+@pytest.mark.parametrize("model", ["tensorrt_llm_bls", "tensorrt_llm"])
+def test_a_caller_that_leaves_while_its_request_waits_takes_it_out_of_the_queue(small_server, model):
+    """A client that gives up on a queued request (a timeout under load) must not cost the engine a
+    prefill and a first token for nobody: the BLS and tensorrt_llm watch their callers (common.CancelWatch,
+    as the C++ backend's WaitForCancel thread), so the request leaves the engine's queue while the one
+    ahead of it is still generating, and that one is not disturbed."""
+    import tritonclient.grpc as grpcclient
+
+    from client import format_chatml
+    from tests.triton_util import llm_inputs
+
+    url = small_server.grpc_url
+    done = {}
+    first = threading.Thread(target=lambda: done.update(r=Client(url).complete(STORY, max_tokens=400, min_tokens=400)))
+    first.start()
+    wait_for(lambda: engine_metrics(small_server)[("nv_trt_llm_request_metrics", "scheduled")] == 1, 30, "a row in use")
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(callback=lambda result, error: None)
+    if model == "tensorrt_llm":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(small_server.repo / "preprocessing" / "tokenizer")
+        c.async_stream_infer(model, llm_inputs(tok(format_chatml(STORY))["input_ids"], 50, streaming=(True, "BOOL")))
+    else:
+        c.async_stream_infer(model, inputs(format_chatml(STORY), 50, stream=True))
+    wait_for(lambda: engine_metrics(small_server)[("nv_trt_llm_request_metrics", "waiting")] == 1, 30, "a waiting request")
+    c.stop_stream(cancel_requests=True)
+    wait_for(lambda: engine_metrics(small_server)[("nv_trt_llm_request_metrics", "waiting")] == 0, 2,
+             "the abandoned request to leave the queue")
+    assert first.is_alive()  # while the first is still generating
+    first.join(120)
+    assert done["r"].completion_tokens == 400
+    wait_engine_idle(small_server, 20)
+
+
 def test_an_engine_failure_fails_the_requests_in_flight_and_the_model_keeps_serving(small_server):
     """An engine step that raises mid-stream: the request in flight ends with the engine's error, through
     the BLS and on a direct tensorrt_llm stream (an error response, as the C++ backend sends it); the

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
-from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelCheck, CancelSender,
+from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelSender, CancelWatch,
                                              InnerRequestIds, PromptEncoder, StopText, check_no_parameters,
                                              engine_sampling, failure_message, padding_ids, params, refusal, scalar,
                                              strings, to_words_list)
@@ -44,6 +44,7 @@ class TritonPythonModel:
         self.failure_marker = p.get("engine_failure_marker", "false") == "true"
         # CPU deployments only (Triton 2.51): see common.cancel_address.
         self.cancel = CancelSender(self.llm) if p.get("engine_cancel_channel", "false") == "true" else None
+        self.watch = CancelWatch()
 
     _ids = InnerRequestIds()
 
@@ -136,40 +137,49 @@ class TritonPythonModel:
         else:
             sender.send(final, flags=FINAL)
 
+    def finalize(self):
+        self.watch.close()
+
     def _relay(self, call: "_Call", sender):
         """Runs the inner request, sends the text deltas (when streaming) and returns the final response,
         or None if the caller cancelled. Every inner stream is read to its end (see _KEEP)."""
         detok = Detokenizer(self.tok, skip_ids=(call.end_id,))
         cut = StopText(call.stops)
         n_out, pieces = 0, []
-        responses = call.inner.exec(decoupled=True)
-        _KEEP.append((call.inner, responses))
-        cancelled = CancelCheck(sender)
-        for r in responses:
-            if cancelled():
-                self._stop(call.inner.request_id())
-                for _ in responses:
-                    pass
+        # A caller that leaves stops the inner request at once, queued or mid-prefill included.
+        with self.watch.watching(sender, lambda: self._stop(call.inner.request_id())) as caller:
+            responses = call.inner.exec(decoupled=True)
+            _KEEP.append((call.inner, responses))
+            for r in responses:
+                if caller.cancelled:  # the inner request is stopped: read what is still in flight
+                    for _ in responses:
+                        pass
+                    return None
+                if r.has_error():
+                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
+                out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+                failure = failure_message(pb_utils, r)
+                if failure is not None:
+                    raise RuntimeError(failure)
+                if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
+                    continue
+                new = [int(t) for t in out.as_numpy().reshape(-1)]
+                unknown = [t for t in new if not 0 <= t < self.vocab_size]
+                if unknown:  # the tokenizer would drop it from the text without a word: fail, and free the slot
+                    self._stop(call.inner.request_id())
+                    for _ in responses:
+                        pass
+                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"generation failed: the engine emitted token id {unknown[0]}, which the tokenizer does not have"))
+                n_out += len(new)
+                delta = cut.push("".join(detok.push(t) for t in new))
+                if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
+                    self._stop(call.inner.request_id())
+                if call.stream and delta:
+                    sender.send(self._response(call.wanted, delta, "", len(call.ids), n_out))
+                pieces.append(delta)
+            if caller.cancelled:  # the caller left as the inner stream ended
                 return None
-            if r.has_error():
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
-            out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-            failure = failure_message(pb_utils, r)
-            if failure is not None:
-                raise RuntimeError(failure)
-            if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
-                continue
-            new = [int(t) for t in out.as_numpy().reshape(-1)]
-            unknown = [t for t in new if not 0 <= t < self.vocab_size]
-            if unknown:  # the tokenizer would drop it from the text without a word
-                raise RuntimeError(f"the engine emitted token id {unknown[0]}, which the tokenizer does not have")
-            n_out += len(new)
-            delta = cut.push("".join(detok.push(t) for t in new))
-            if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
-                self._stop(call.inner.request_id())
-            if call.stream and delta:
-                sender.send(self._response(call.wanted, delta, "", len(call.ids), n_out))
-            pieces.append(delta)
         tail = cut.push(detok.flush()) + cut.flush()
         pieces.append(tail)
         reason = "length" if n_out >= call.max_tokens and not cut.stopped else "stop"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -9,7 +11,6 @@ import secrets
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -225,20 +226,61 @@ class StopText:
         return out
 
 
-class CancelCheck:
-    """`sender.is_cancelled()` is a round trip to the Triton process: ask it at most every
-    `interval_s` while streaming, not for every token (cancellation then lands within that time)."""
+class CancelWatch:
+    """Watches the callers of a model's requests in flight, as TensorRT-LLM's backend watches its own
+    (model_instance_state.cc, its WaitForCancel thread, TensorRT-LLM 1.2.x): one thread asks each
+    request's `sender.is_cancelled()` (a round trip to the Triton process) every `interval_s` and, the
+    first time it is true, sets that request's `cancelled` and calls its `on_cancel` (on this thread).
+    So a caller that leaves while its request waits in the engine's queue or in a long prefill is seen
+    then, not when its first token arrives. A request is watched only inside `watching`: leave it
+    before sending the final response (the sender is not asked after that)."""
 
-    def __init__(self, sender, interval_s: float = 0.02):
-        self.sender, self.interval = sender, interval_s
-        self.next = 0.0
+    def __init__(self, interval_s: float = 0.05):
+        self.interval = interval_s
+        self._live: dict[int, Watched] = {}
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cancel-watch", daemon=True)
+        self._thread.start()
 
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now < self.next:
-            return False
-        self.next = now + self.interval
-        return self.sender.is_cancelled()
+    @contextlib.contextmanager
+    def watching(self, sender, on_cancel=lambda: None):
+        w, key = Watched(sender, on_cancel), next(self._keys)
+        with self._lock:
+            self._live[key] = w
+        try:
+            yield w
+        finally:
+            with self._lock:
+                del self._live[key]
+            with w.lock:  # an is_cancelled() under way ends first
+                w.active = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                live = list(self._live.values())
+            for w in live:
+                with w.lock:
+                    if not w.active or w.cancelled or not w.sender.is_cancelled():
+                        continue
+                    w.cancelled = True
+                w.on_cancel()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+@dataclasses.dataclass
+class Watched:
+    """One watched request: `cancelled` once its caller has gone."""
+    sender: object
+    on_cancel: object
+    cancelled: bool = False
+    active: bool = True
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 # The python backend of Triton < 2.57 (python_backend r24.10-r25.03: infer_response.cc SaveToSharedMemory

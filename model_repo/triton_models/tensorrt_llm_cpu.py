@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from build_engine.cpu import CpuEngine, QueueFull, Sampling
 from model_repo import backend_contract
-from model_repo.triton_models.common import (FAILURE_MARKER, TENSORRT_LLM_DEFAULT_SEED, BadRequest, CancelCheck,
+from model_repo.triton_models.common import (FAILURE_MARKER, TENSORRT_LLM_DEFAULT_SEED, BadRequest, CancelWatch,
                                              CancelListener, failure_response, from_words_list, params, refusal,
                                              scalar, tensorrt_llm_search)
 
@@ -49,6 +49,7 @@ class TritonPythonModel:
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.live = {}  # request id -> engine stream, for stop requests and the cancel channel
         self.cancel_listener = CancelListener(args["model_name"], self._cancel)
+        self.watch = CancelWatch()
 
     def _cancel(self, rid: str) -> None:
         target = self.live.get(rid)
@@ -146,28 +147,29 @@ class TritonPythonModel:
             self.live.pop(rid, None)
 
     def _respond(self, sender, rid: str, stream, ids: list[int], streaming: bool, exclude: bool) -> None:
-        generated, held = [], []
-        cancelled = CancelCheck(sender)
-        for step in stream:
-            if cancelled():  # the caller is gone: handled with the other cancellations below
-                break
-            if step.error:
-                pb_utils.Logger.log_error(f"request {rid or '-'}: {step.error}")
-                response = (failure_response(pb_utils, step.error) if rid.endswith(FAILURE_MARKER)
-                            else pb_utils.InferenceResponse(error=pb_utils.TritonError(step.error)))
-                sender.send(response, flags=FINAL)
-                return
-            if step.token_id is not None:
-                generated.append(step.token_id)
-                held.append(step.token_id)
-            # Stream a chunk when it decodes to complete characters, and when no later step is already
-            # waiting: a reader that fell behind (two cores shared by the engine and every stub) sends what
-            # has piled up as one response instead of one IPC round per token.
-            if streaming and held and step.text and not step.finish_reason and not stream.backlog:
-                self._send_tokens(sender, held)
-                held = []
-            if step.finish_reason:
-                break
+        generated, held, error = [], [], None
+        with self.watch.watching(sender, stream.close):  # a caller that leaves frees its row, queued or not
+            for step in stream:
+                if step.error:
+                    error = step.error
+                    break
+                if step.token_id is not None:
+                    generated.append(step.token_id)
+                    held.append(step.token_id)
+                # Stream a chunk when it decodes to complete characters, and when no later step is already
+                # waiting: a reader that fell behind (two cores shared by the engine and every stub) sends what
+                # has piled up as one response instead of one IPC round per token.
+                if streaming and held and step.text and not step.finish_reason and not stream.backlog:
+                    self._send_tokens(sender, held)
+                    held = []
+                if step.finish_reason:
+                    break
+        if error:
+            pb_utils.Logger.log_error(f"request {rid or '-'}: {error}")
+            response = (failure_response(pb_utils, error) if rid.endswith(FAILURE_MARKER)
+                        else pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
+            sender.send(response, flags=FINAL)
+            return
         if stream.finish_reason in (None, "cancelled"):  # by the caller, a stop request or the cancel channel
             stream.close()
             self._log_cancelled(rid, stream)
@@ -186,6 +188,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"request {rid or '-'} cancelled after {stream.generated_tokens} tokens")
 
     def finalize(self):
+        self.watch.close()
         self.cancel_listener.close()
         self.metrics.close()
         self.engine.close()
