@@ -65,6 +65,23 @@ def test_streamed_deltas_concatenate_to_the_full_text(server, model):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_bls_deltas_carry_text_and_token_count_and_the_final_response_the_rest(smol_server):
+    """A streamed delta is text_output and completion_tokens so far; finish_reason and prompt_tokens come on
+    the final response, which counts what the non-streamed request counts."""
+    prompt = format_chatml(QUESTION)
+    whole, err = stream_results(smol_server.grpc_url, "tensorrt_llm_bls", inputs(prompt, 24, stream=False))
+    assert err is None and len(whole) == 1
+    results, err = stream_results(smol_server.grpc_url, "tensorrt_llm_bls", inputs(prompt, 24, stream=True))
+    assert err is None and len(results) > 3
+    names = [{o.name for o in r.get_response().outputs} for r in results]
+    assert all(n == {"text_output", "completion_tokens"} for n in names[:-1]), names
+    assert names[-1] == {"text_output", "completion_tokens", "finish_reason", "prompt_tokens"}
+    counts = [int(r.as_numpy("completion_tokens")[0]) for r in results]
+    assert counts == sorted(counts) and counts[0] >= 1
+    for name in ("finish_reason", "prompt_tokens", "completion_tokens"):
+        assert results[-1].as_numpy(name).tolist() == whole[0].as_numpy(name).tolist(), name
+
+
 @pytest.mark.container_versions
 def test_smollm2_answers_paris_over_grpc_and_http(smol_server):
     prompt = format_chatml(QUESTION)

@@ -99,15 +99,17 @@ class TritonPythonModel:
             pass
 
     @staticmethod
-    def _response(wanted, text, finish_reason, n_prompt, n_out):
-        """Only the outputs the caller asked for (`wanted`)."""
-        tensors = [
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object)),
-            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=object)),
-            pb_utils.Tensor("prompt_tokens", np.array([n_prompt], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([n_out], dtype=np.int32)),
-        ]
-        return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if t.name() in wanted])
+    def _response(wanted, text, n_out, finish_reason=None, n_prompt=None):
+        """Only the outputs the caller asked for (`wanted`). A streamed delta is its text and the tokens so
+        far; finish_reason and prompt_tokens come once, on the final response (every response is a message
+        through shared memory and over the wire: the fewer tensors, the less each token costs)."""
+        values = {"text_output": np.array([text.encode("utf-8")], dtype=object),
+                  "completion_tokens": np.array([n_out], dtype=np.int32)}
+        if finish_reason is not None:
+            values["finish_reason"] = np.array([finish_reason.encode()], dtype=object)
+            values["prompt_tokens"] = np.array([n_prompt], dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, v) for name, v in values.items() if name in wanted])
 
     def _parse(self, request) -> "_Call":
         """The request checked, its prompt tokenized and its inner request built; BadRequest if refused."""
@@ -176,14 +178,14 @@ class TritonPythonModel:
                 if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
                     self._stop(call.inner.request_id())
                 if call.stream and delta:
-                    sender.send(self._response(call.wanted, delta, "", len(call.ids), n_out))
+                    sender.send(self._response(call.wanted, delta, n_out))
                 pieces.append(delta)
             if caller.cancelled:  # the caller left as the inner stream ended
                 return None
         tail = cut.push(detok.flush()) + cut.flush()
         pieces.append(tail)
         reason = "length" if n_out >= call.max_tokens and not cut.stopped else "stop"
-        return self._response(call.wanted, tail if call.stream else "".join(pieces), reason, len(call.ids), n_out)
+        return self._response(call.wanted, tail if call.stream else "".join(pieces), n_out, reason, len(call.ids))
 
 
 @dataclasses.dataclass
