@@ -54,6 +54,11 @@ def llm_parameters(eng: dict, engine_dir: Path) -> dict[str, str]:
         "max_beam_width": "1", "batch_scheduler_policy": "guaranteed_no_evict",
         "kv_cache_free_gpu_mem_fraction": str(runtime.get("kv_cache_free_gpu_mem_fraction", 0.9)),
         "exclude_input_in_output": "true", "enable_chunked_context": "true",
+        # Prefix reuse (a system prompt, the earlier turns of a chat): the 1.2 backend's default when the key is
+        # absent (model_instance_state.cc getKvCacheConfigFromParams), stated so that the config says what runs.
+        # It needs the engine's paged context FMHA (trtllm.py: --use_paged_context_fmha enable; TensorRT-LLM's
+        # docs/source/kv_cache_reuse.md). The CPU engine does not reuse prefixes: outputs are the same, TTFT is not.
+        "enable_kv_cache_reuse": "true",
         **({"max_attention_window_size": str(window)} if window else {}),
     }
 

@@ -123,6 +123,10 @@ def test_generated_gpu_config_meets_the_backend_contract(gpu_repo, gpu_engine):
     assert "tokenizer_dir" in params and params["max_attention_window_size"] == "64"
     # The CPU engine's admission rule: an admitted request always finishes (no pause and recompute).
     assert params["batch_scheduler_policy"] == "guaranteed_no_evict"
+    # Prefix reuse, stated rather than left to the backend's default; the engine is built for it.
+    assert params["enable_kv_cache_reuse"] == "true" and params["enable_chunked_context"] == "true"
+    command = manifest.read(gpu_engine)["command"]
+    assert command[command.index("--use_paged_context_fmha") + 1] == "enable"
     by_name = {i.name: i for i in cfg.input}
     assert by_name["input_lengths"].HasField("reshape") and list(by_name["input_lengths"].reshape.shape) == []
     assert by_name["input_ids"].allow_ragged_batch and not by_name["input_ids"].HasField("reshape")
