@@ -92,3 +92,20 @@ def test_the_nucleus_without_a_full_sort_is_the_full_sorts_nucleus(scale, top_p)
     got = _nucleus(z, p, top_p)
     assert sorted(got.tolist()) == sorted(want.tolist())
     assert np.all(np.diff(p[got]) <= 0)  # most likely first
+
+
+@pytest.mark.parametrize("size", [7, 256, 32064, 49152])
+def test_the_blockwise_draw_is_the_inverse_cdf_and_never_picks_a_banned_token(size):
+    """pick() against one float64 running sum over all weights; zero weights (banned ids, the padded
+    vocabulary's tail) stay out even for a u that rounds to the total."""
+    from build_engine.cpu.sampling import pick
+
+    rng = np.random.default_rng(size)
+    w = np.exp(rng.normal(size=size) * 2).astype(np.float32)
+    w[rng.random(size) < 0.3] = 0  # banned
+    w[-min(62, size - 1):] = 0  # the padded tail: whole blocks of zeros at the larger sizes
+    cum = np.cumsum(w.astype(np.float64))
+    us = np.concatenate([rng.random(3000), [0.0, np.nextafter(1.0, 0.0)]])
+    got = [pick(w, u) for u in us]
+    assert got[:-1] == [int(np.searchsorted(cum, u * cum[-1], side="right")) for u in us[:-1]]
+    assert all(w[i] > 0 for i in got) and got[-1] == int(np.flatnonzero(w)[-1])
