@@ -200,6 +200,30 @@ def test_a_request_joins_the_running_batch_and_changes_nothing_for_it(smol_runti
     assert joined["out"] == solo_short and long_tokens == solo_long  # greedy: bit-identical to solo
 
 
+def test_a_burst_is_prefilled_one_chunk_per_step(smol_runtime):
+    """Prefill is compute-bound on a CPU: prompts that share a step delay each other's first token.
+    Three 40-token prompts that arrive together, while a long prompt is prefilling, get their first
+    tokens in three consecutive steps after it, each prefilled alone."""
+    tok, engine = smol_runtime.tokenizer, smol_runtime
+    long_ids = chat(tok, " ".join(f"item {i}," for i in range(100)))
+    assert len(long_ids) > 3 * engine.prefill_chunk
+    shorts = [chat(tok, f"Write a short poem about the sea, the wind, the sky and the colour number {i}.")[:40]
+              for i in range(3)]
+    assert {len(ids) for ids in shorts} == {40} and 2 * 40 > engine.max_num_tokens - 4  # one per step
+    with engine.submit(long_ids, Sampling(max_tokens=4, ignore_eos=True)) as long_stream:
+        deadline = time.monotonic() + 30
+        while long_stream.admitted_step is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        burst = [engine.submit(ids, Sampling(max_tokens=2, ignore_eos=True)) for ids in shorts]
+        for s in [long_stream, *burst]:
+            assert all(not st.error for st in s)
+    firsts = [s.first_token_step for s in burst]
+    assert long_stream.first_token_step - long_stream.admitted_step + 1 == -(-len(long_ids) // engine.prefill_chunk)
+    # First come, first prefilled: the burst waits for the long prompt's chunks, then one prompt a step.
+    assert firsts == list(range(firsts[0], firsts[0] + 3))
+    assert firsts[0] in (long_stream.first_token_step, long_stream.first_token_step + 1)
+
+
 def test_a_cancelled_request_frees_its_row_for_a_waiting_one_at_the_next_step(smol_engine_fp32):
     from build_engine.cpu import CpuEngine
 

@@ -11,6 +11,14 @@ One thread owns the onnxruntime session and the KV cache. Each step it
    boundaries never depend on its companions), up to `max_num_tokens` tokens per step,
 4. decodes one token for every running request in one batched call.
 
+The default step budget is one chunk of prefill plus a decode token per row. A GPU prefills many
+prompts in one step for little more than one; on a CPU prefill is compute-bound, so two prompts in a
+step take twice as long, and both first tokens wait for both. One chunk per step staggers a burst:
+the first newcomer's token comes after its own prefill, and the running requests wait at most one
+chunk per token. Engine alone, 8 concurrent 64-token prompts, 64 tokens out, 8 interleaved rounds:
+median TTFT 69 ms with 64-token chunks against 103 ms with 128, at the same throughput (262 against
+263 tok/s).
+
 Batch invariance: MatMulNBits computes rows in pairs and an odd last row on another kernel path
 (results differ in the last bits; measured with onnxruntime 1.32 at accuracy levels 1 and 4), so
 by default a decode batch is padded to an even number of rows with a filler row. Then a greedy
@@ -42,7 +50,7 @@ from build_engine.cpu.sampling import Sampler, Sampling
 from build_engine.tokenization import Detokenizer, load_tokenizer
 from client.limits import check_sampling
 
-DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_PREFILL_CHUNK = 64
 
 
 class QueueFull(RuntimeError):
@@ -75,6 +83,7 @@ class _Request:
     pending: int | None = None  # the last sampled token, fed at the next decode step
     finished: bool = False
     admitted_step: int | None = None
+    first_token_step: int | None = None
     finished_step: int | None = None
 
 
@@ -90,6 +99,11 @@ class Stream:
     def admitted_step(self) -> int | None:
         """The engine step at which the request got its KV row (None while it waits)."""
         return self._r.admitted_step
+
+    @property
+    def first_token_step(self) -> int | None:
+        """The engine step that sampled its first token (the end of its prefill)."""
+        return self._r.first_token_step
 
     @property
     def generated_tokens(self) -> int:
@@ -314,6 +328,8 @@ class CpuEngine:
 
     def _emit(self, r: _Request, token: int) -> None:
         s = r.sampling
+        if r.first_token_step is None:
+            r.first_token_step = self.step
         if token in r.sampler.end_ids:
             self._finish(r, "stop")
             return
