@@ -11,7 +11,7 @@ One thread owns the onnxruntime session and the KV cache. Each step it
    boundaries never depend on its companions), up to `max_num_tokens` tokens per step,
 4. decodes one token for every running request in one batched call.
 
-The default step budget is one chunk of prefill plus a decode token per row. A GPU prefills many
+The default step budget is one chunk of prompt tokens plus a decode token per row. A GPU prefills many
 prompts in one step for little more than one; on a CPU prefill is compute-bound, so two prompts in a
 step take twice as long, and both first tokens wait for both. One chunk per step staggers a burst:
 the first newcomer's token comes after its own prefill, and the running requests wait at most one
