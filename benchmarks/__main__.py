@@ -79,7 +79,9 @@ def _suite(args) -> int:
 def _cpu_engine(args) -> int:
     from benchmarks import cpu_engine
 
-    result = cpu_engine.run(Path(args.checkpoint), Path(args.out), args.prompt_tokens, args.new_tokens, args.rounds)
+    peers = tuple(n for n in (args.peer or "").split(",") if n)
+    result = cpu_engine.run(Path(args.checkpoint), Path(args.out), args.prompt_tokens, args.new_tokens, args.rounds,
+                            peers=peers, harness=Path(args.peers_harness))
     print(cpu_engine.table(result))
     print(f"results in {args.out}/cpu_engine.json")
     return 0
@@ -198,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-tokens", type=int, default=40)
     s.add_argument("--new-tokens", type=int, default=128)
     s.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    s.add_argument("--peer", help="the peers harness's engines to time in the same rounds, e.g. openvino,llama.cpp "
+                                  "(made by its setup.sh in $PEERS_WORK)")
+    s.add_argument("--peers-harness", default="../shared/peers", help="the peers harness folder (default: %(default)s)")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_cpu_engine)
     s = sub.add_parser("soak", help="mixed load, early closes, killed clients and bad requests for a while; "

@@ -1,9 +1,11 @@
 """CPU engine speed: prefill time, batch-1 decode tok/s and total tok/s at batch 4 and 8, for our
 engine under its own scheduler (the serving path) at accuracy levels 1 and 4, with the exact fp32
 lm_head and the fast int8 and int4 ones, beside onnxruntime-genai's own builder (`-p int4`, same
-block size, og.Generator with a static batch) on the original model. Engines are timed round by round, A B C A B C ..., so drift hits all alike;
-greedy, fixed lengths (end id ignored), medians over the rounds. Peak RSS is measured per engine
-in a fresh process (load, warm-up, one batch-1 request)."""
+block size, og.Generator with a static batch) on the original model, and optionally (`--peer`) the
+shared peers harness's other runtimes (OpenVINO GenAI, llama.cpp) in the same rounds. Engines are
+timed round by round, A B C A B C ..., so drift hits all alike; greedy, fixed lengths (end id
+ignored), medians over the rounds. Peak RSS is measured per engine in a fresh process (load,
+warm-up, one batch-1 request)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 PROMPT_TEXT = "The history of computing is long and full of surprises, from {} to the machines of today. "
+HARNESS_PROMPT_TOKENS, HARNESS_NEW_TOKENS = 40, 128  # what the peers harness's workers time (its wcommon.py)
 SUBJECTS = ("the abacus", "looms", "relays", "valves", "transistors", "chips", "clusters", "phones")
 
 
@@ -84,6 +87,62 @@ class OgGenerator:
         pass
 
 
+class HarnessPeer:
+    """A runtime of the shared peers harness (its README: ../shared/peers), run by the harness's own
+    worker in the harness's venv and driven through its protocol, one command at a time, in our rounds.
+    The worker tokenizes its own 40-token passages and generates 128 tokens each (the shape of our
+    default run, which `run` requires of a run with peers)."""
+
+    def __init__(self, harness: Path, name: str, out: Path):
+        import importlib
+
+        from build_engine import UserError
+
+        sys.path.insert(0, str(harness))
+        try:
+            driver, wc = importlib.import_module("driver"), importlib.import_module("wcommon")
+        except ImportError:
+            raise UserError(f"{harness} is not the peers harness (no driver.py and wcommon.py)") from None
+        if (wc.PROMPT_TOKENS, wc.NEW_TOKENS) != (HARNESS_PROMPT_TOKENS, HARNESS_NEW_TOKENS):
+            raise UserError(f"the peers harness in {harness} times {wc.PROMPT_TOKENS}-token prompts and "
+                            f"{wc.NEW_TOKENS} new tokens, not {HARNESS_PROMPT_TOKENS} and {HARNESS_NEW_TOKENS}")
+        if name not in driver.ENGINES:
+            raise UserError(f"the peers harness has no engine {name!r}; it has: {', '.join(driver.ENGINES)}")
+        try:
+            py, model = driver.locate([name])[name]
+        except SystemExit as e:  # the harness names what its setup.sh has not made yet
+            raise UserError(f"peer {name}: {e}") from None
+        self.spawn = lambda: driver.Worker(name, out, py, model)
+        self.worker = self.spawn()
+
+    def _ask(self, worker, **msg) -> dict:
+        res = worker.ask(**msg)
+        if not res.get("ok"):
+            raise RuntimeError(f"peer worker failed {msg}: {res.get('error')}")
+        return res
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[tuple[float, float, int]]:
+        if len(prompts) == 1:
+            r = self._ask(self.worker, cmd="b1")
+            first = r["prefill_ms"] / 1000
+            return [(first, first + (r["new_tokens"] - 1) / r["decode_tok_s"], r["new_tokens"])]
+        r = self._ask(self.worker, cmd="batch", n=len(prompts))
+        counts = r.get("new_tokens") or [HARNESS_NEW_TOKENS] * len(prompts)
+        return [(None, r["wall_s"], n) for n in counts]
+
+    def peak_rss_mib(self) -> float:
+        """A fresh worker's peak RSS after one batch-1 run, as `_rss_probe` measures ours."""
+        w = self.spawn()
+        try:
+            self._ask(w, cmd="b1")
+            return float(self._ask(w, cmd="rss")["vmhwm_mib"])
+        finally:
+            w.close()
+
+    def close(self):
+        self.worker.close()
+
+
 def _rss_probe(kind: str, engine_dir: str, prompt: list[int], new_tokens: int) -> float:
     """Peak RSS (MiB) of a fresh process that loads the engine and runs one batch-1 request. The
     tokenizer is the `tokenizers` library's own (transformers would add torch's ~280 MiB), as
@@ -118,13 +177,16 @@ def peer_engine(hf_dir: Path, out: Path, block_size: int) -> Path:
 
 
 def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 128, rounds: int = 3,
-        batches: tuple[int, ...] = (4, 8)) -> dict:
+        batches: tuple[int, ...] = (4, 8), peers: tuple[str, ...] = (), harness: Path | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    from build_engine import manifest
+    from build_engine import UserError, manifest
     from build_engine.cli import quiet_progress
     from build_engine.cpu import graph
 
+    if peers and (prompt_tokens, new_tokens) != (HARNESS_PROMPT_TOKENS, HARNESS_NEW_TOKENS):
+        raise UserError(f"the peers harness times {HARNESS_PROMPT_TOKENS}-token prompts and {HARNESS_NEW_TOKENS} "
+                        f"new tokens: run with --prompt-tokens {HARNESS_PROMPT_TOKENS} --new-tokens {HARNESS_NEW_TOKENS}")
     ck = manifest.read(checkpoint, "trtllm-checkpoint")
     group = ck["quantization"]["group_size"]
     work = out / "engines"
@@ -140,6 +202,9 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
         "og", peer_engine(Path(ck["source"]["path"]), work / f"og-builder-g{group}", group))
     engines = {name: make(kind, str(d)) for name, (kind, d) in dirs.items()}
     tok = next(iter(engines.values())).tokenizer
+    for peer in peers:
+        engines[f"{peer} (peers harness)"] = p = HarnessPeer(Path(harness), peer, out)
+        dirs[f"{peer} (peers harness)"] = ("harness", p)
     prompts = [tok(PROMPT_TEXT.format(s) * 8, add_special_tokens=False)["input_ids"][:prompt_tokens] for s in SUBJECTS]
     phases = [1, *batches]
     raw = {name: {b: [] for b in phases} for name in engines}
@@ -159,7 +224,7 @@ def run(checkpoint: Path, out: Path, prompt_tokens: int = 40, new_tokens: int = 
         b1 = raw[name][1]
         row = {"prefill_ms": 1000 * statistics.median(r[0][0] for r in b1),
                "decode_tok_s": statistics.median((r[0][2] - 1) / (r[0][1] - r[0][0]) for r in b1),
-               "peak_rss_mib": _rss_probe(kind, str(d), prompts[0], new_tokens)}
+               "peak_rss_mib": d.peak_rss_mib() if kind == "harness" else _rss_probe(kind, str(d), prompts[0], new_tokens)}
         for b in batches:
             row[f"total_tok_s_b{b}"] = statistics.median(sum(x[2] for x in r) / max(x[1] for x in r)
                                                          for r in raw[name][b])
