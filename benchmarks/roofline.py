@@ -5,47 +5,11 @@ bound on tokens/s for a GPU's memory bandwidth."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-# Peak HBM/GDDR bandwidth, GB/s (vendor datasheets).
-GPU_BANDWIDTH_GBS = {"h100": 3350, "h200": 4800, "a100": 2039, "a100-40gb": 1555, "l40s": 864, "l4": 300,
-                     "a10": 600, "b200": 8000}
+from build_engine.gpu_specs import GPU_BANDWIDTH_GBS, bytes_from_checkpoint, bytes_from_shapes, check_gpu
 
-
-def bytes_from_shapes(arch: dict, group_size: int, weight_bits: int = 4, scale_bytes: int = 2,
-                      head_bytes: int = 2) -> dict[str, int]:
-    """Weights read per decode step: int4 linears + their per-group scales + the fp16 lm_head.
-    (Embedding lookups read one row; norms are negligible.)"""
-    h, L = arch["hidden_size"], arch["num_hidden_layers"]
-    hd = arch.get("head_dim") or h // arch["num_attention_heads"]
-    q, kv, inter = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd, arch["intermediate_size"]
-    linear = [(q + 2 * kv, h), (h, q), (inter, h), (inter, h), (h, inter)]  # (out, in)
-    params = L * sum(o * i for o, i in linear)
-    return {
-        "quantized_weights": params * weight_bits // 8,
-        "scales": L * sum(o * (i // group_size) for o, i in linear) * scale_bytes,
-        "lm_head": arch["vocab_size"] * h * head_bytes,
-    }
-
-
-def bytes_from_checkpoint(ckpt: Path) -> dict[str, int]:
-    """The same for the whole model, read off a TRT-LLM checkpoint's tensors, every rank's file
-    (scales counted at fp16, as trtllm-build stores them for the W4A16 GEMM)."""
-    from safetensors import safe_open
-
-    out = {"quantized_weights": 0, "scales": 0, "lm_head": 0}
-    for path in sorted(Path(ckpt).glob("rank*.safetensors")):
-        with safe_open(path, "np") as f:
-            for name in f.keys():
-                n = math.prod(f.get_slice(name).get_shape())
-                if name.endswith(".weight") and ".layers." in name and "layernorm" not in name:
-                    out["quantized_weights"] += n  # int8 storage holds two int4 codes
-                elif name.endswith("weights_scaling_factor"):
-                    out["scales"] += n * 2
-                elif name == "lm_head.weight":
-                    out["lm_head"] += n * 2
-    return out
+__all__ = ["GPU_BANDWIDTH_GBS", "bytes_from_checkpoint", "bytes_from_shapes", "roofline", "inputs", "format_roofline"]
 
 
 def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1, tp: int = 1, arch: dict | None = None) -> dict:
@@ -55,9 +19,7 @@ def roofline(bytes_per_step: dict[str, int], gpu: str, batch: int = 1, tp: int =
     logits are gathered: with `arch`, the traffic per token each GPU sends (ring all-reduce:
     2 (tp-1)/tp of the message) and the number of all-reduces per step, whose latency (some us each
     over NVLink) rather than bandwidth is what they cost at batch 1."""
-    gpu = gpu.lower()
-    if gpu not in GPU_BANDWIDTH_GBS:
-        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sorted(GPU_BANDWIDTH_GBS))}")
+    gpu = check_gpu(gpu)
     if tp < 1:
         raise ValueError("tp must be at least 1")
     total = sum(bytes_per_step.values())

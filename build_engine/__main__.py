@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
   python -m build_engine build --checkpoint artifacts/smol/checkpoint --output artifacts/smol/engine-cpu --target cpu
   python -m build_engine build --checkpoint ckpt --output engine --target gpu --dry-run
+  python -m build_engine build --checkpoint artifacts/tiny-hermes/checkpoint --output artifacts/tiny-hermes/engine-h100 \
+      --target synthetic --gpu h100 --size-as nous-hermes-2-mistral-7b-dpo
 """
 
 
@@ -41,6 +43,16 @@ def _build(args) -> int:
         cmd = trtllm.build(Path(args.checkpoint), Path(args.output), dry_run=args.dry_run)
         if args.dry_run:
             print(shlex.join(cmd))
+        return 0
+    if args.target == "synthetic":
+        from build_engine import synthetic
+
+        if args.dry_run:
+            print(f"would write a synthetic engine ({args.schedule}) to {args.output}")
+            return 0
+        synthetic.build(Path(args.checkpoint), Path(args.output), schedule=args.schedule, gpu=args.gpu,
+                        tokens_per_s=args.tokens_per_s, efficiency=args.efficiency, size_as=args.size_as)
+        print(synthetic.describe(Path(args.output)))
         return 0
     from build_engine.cpu import graph
 
@@ -91,13 +103,25 @@ def parser() -> argparse.ArgumentParser:
                                  "artifacts/smol/engine-cpu --target cpu"))
     s.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `quantize`")
     s.add_argument("--output", required=True, help="the engine folder (an older one is replaced when the build succeeds)")
-    s.add_argument("--target", choices=("gpu", "cpu"), required=True,
-                   help="gpu: trtllm-build (needs the TensorRT-LLM container); cpu: the onnxruntime engine")
+    s.add_argument("--target", choices=("gpu", "cpu", "synthetic"), required=True,
+                   help="gpu: trtllm-build (needs the TensorRT-LLM container); cpu: the onnxruntime engine; "
+                        "synthetic: no compute, tokens at a GPU's pace (load tests without a GPU)")
     s.add_argument("--dry-run", action="store_true", help="print what would run and stop")
     s.add_argument("--accuracy-level", type=int, choices=(1, 4), default=4,
                    help="CPU engine: 1 = fp32 compute, 4 = int8 activations (faster)")
     s.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default="fp32",  # = cpu.graph.LM_HEADS (tested)
                    help="CPU engine: fp32 = exact (the checkpoint's), int8 / int4 = faster; `verify` reports the cost")
+    g = s.add_argument_group("synthetic engine")
+    g.add_argument("--schedule", choices=("roofline", "rate", "max"), default="roofline",
+                   help="roofline: step times from the GPU's bandwidth and flops; rate: --tokens-per-s per stream; "
+                        "max: as fast as it goes (default: %(default)s)")
+    g.add_argument("--gpu", default="h100", help="roofline: the GPU to model (default: %(default)s)")
+    g.add_argument("--efficiency", type=float, default=0.7,
+                   help="roofline: share of the datasheet bandwidth and flops reached (default: %(default)s)")
+    g.add_argument("--tokens-per-s", type=float, help="rate: tokens per second per stream")
+    g.add_argument("--size-as", metavar="PRESET",
+                   help="roofline: size the model as this preset's (e.g. nous-hermes-2-mistral-7b-dpo) instead of "
+                        "the checkpoint's own tensors")
     s.set_defaults(handler=_build)
 
     s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original",

@@ -138,7 +138,8 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
              max_queue_size: int | None = None) -> Path:
     engine_dir, output = Path(engine_dir).resolve(), Path(output)
     m = manifest.read(engine_dir)
-    target = {"cpu-engine": "cpu", "trtllm-engine": "gpu"}.get(m["kind"])
+    # The synthetic engine (no compute, a GPU's pace) is served like the CPU engine, by the python stand-in.
+    target = {"cpu-engine": "cpu", "synthetic-engine": "cpu", "trtllm-engine": "gpu"}.get(m["kind"])
     if target is None:
         raise UserError(f"{engine_dir} holds a {m['kind']!r}, not an engine (build one with python -m build_engine build)")
     if "engine_vocab_size" not in m:

@@ -143,20 +143,39 @@ class Stream:
         self.close()
 
 
+# The folders this scheduler runs: the ONNX INT4 engine, or the synthetic one (build_engine.synthetic).
+ENGINE_KINDS = ("cpu-engine", "synthetic-engine")
+
+
+def _decoder(engine_dir: Path, kind: str, rows: int, context_length: int, threads: int):
+    if kind == "synthetic-engine":
+        from build_engine.synthetic import SyntheticDecoder
+
+        return SyntheticDecoder(engine_dir, rows)
+    try:
+        return Decoder(engine_dir, rows, context_length, threads)
+    except Exception as e:  # onnxruntime reports a broken graph or file as a generic failure
+        raise UserError(f"cannot load the CPU engine in {engine_dir}: {e}") from None
+
+
 class CpuEngine:
     def __init__(self, engine_dir: Path | str, tokenizer=None, *, max_batch_size: int | None = None,
-                 kv_cache_tokens: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 kv_cache_tokens: int | None = None, prefill_chunk: int | None = None,
                  max_num_tokens: int | None = None, batch_invariant: bool | None = None, threads: int = 0,
                  max_queue_size: int = 0):
         self.dir = Path(engine_dir)
-        self.manifest = manifest.read(self.dir, "cpu-engine")
+        self.manifest = manifest.read(self.dir)
+        self.kind = self.manifest.get("kind")
+        if self.kind not in ENGINE_KINDS:
+            raise UserError(f"{self.dir} holds a {self.kind!r}, not an engine the scheduler runs "
+                            f"({', '.join(ENGINE_KINDS)})")
         self.model_facts = self.manifest["model"]
         self.limits = self.manifest["limits"]
         self.context_length = self.manifest["settings"]["context_length"]
         self.end_id = self.model_facts["end_id"]
         self.max_batch_size = int(max_batch_size or self.limits["max_batch_size"])
         self.kv_cache_tokens = int(kv_cache_tokens or self.max_batch_size * self.context_length)
-        self.prefill_chunk = int(prefill_chunk)
+        self.prefill_chunk = int(prefill_chunk or self.manifest["settings"].get("prefill_chunk", DEFAULT_PREFILL_CHUNK))
         self.max_num_tokens = int(max_num_tokens or self.prefill_chunk + self.max_batch_size)
         # Requests waiting for a row before submit() refuses more (0: unbounded), as TensorRT-LLM's
         # executor with ExecutorConfig.maxQueueSize.
@@ -167,14 +186,11 @@ class CpuEngine:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1 (got {getattr(self, name)})")
         # Default: invariant for the exact engine (fp32 compute), as fast as possible for the int8 one.
-        level = self.manifest["settings"]["accuracy_level"]
+        level = self.manifest["settings"].get("accuracy_level")
         self.batch_invariant = level == 1 if batch_invariant is None else batch_invariant
         self.tokenizer = tokenizer or load_tokenizer(self.dir / "tokenizer")
-        try:
-            # One more row than slots for an odd batch's filler row.
-            self.decoder = Decoder(self.dir, self.max_batch_size + 1, self.context_length, threads)
-        except Exception as e:  # onnxruntime reports a broken graph or file as a generic failure
-            raise UserError(f"cannot load the CPU engine in {self.dir}: {e}") from None
+        # One more row than slots for an odd batch's filler row.
+        self.decoder = _decoder(self.dir, self.kind, self.max_batch_size + 1, self.context_length, threads)
         self.vocab_size = self.decoder.vocab
         self.step = 0
         self.reserved_tokens = 0

@@ -1,6 +1,6 @@
 """tensorrt_llm on a CPU host: the same config, tensors and strictness as TensorRT-LLM's C++
 `tensorrtllm` backend (model_repo.backend_contract), served by the CPU engine's inflight-batching
-scheduler (build_engine.cpu). Decoupled: a streaming request gets one response per UTF-8-complete
+scheduler (build_engine.cpu), or by the synthetic engine (build_engine.synthetic) under the same scheduler. Decoupled: a streaming request gets one response per UTF-8-complete
 chunk of new tokens; a cancelled request frees its engine row at the next step. Sampling covers the
 backend's inputs: temperature, top-k/top-p, seeds, repetition/presence/frequency penalties, min
 tokens, stop and bad word lists, end id.
@@ -45,6 +45,9 @@ class TritonPythonModel:
         queue = int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0))
         self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER], max_batch_size=int(cfg["max_batch_size"]),
                                 kv_cache_tokens=int(budget) if budget else None, max_queue_size=queue)
+        # The CPU engine's reader sends what has piled up as one response (two cores shared by the engine and
+        # every stub); the synthetic engine stands in for the C++ backend, which sends one response per step.
+        self.coalesce = self.engine.kind == "cpu-engine"
         self.metrics = EngineMetrics(self.engine, args["model_name"], args["model_version"])
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.live = {}  # request id -> engine stream, for stop requests and the cancel channel
@@ -159,7 +162,7 @@ class TritonPythonModel:
                 # Stream a chunk when it decodes to complete characters, and when no later step is already
                 # waiting: a reader that fell behind (two cores shared by the engine and every stub) sends what
                 # has piled up as one response instead of one IPC round per token.
-                if streaming and held and step.text and not step.finish_reason and not stream.backlog:
+                if streaming and held and step.text and not step.finish_reason and not (self.coalesce and stream.backlog):
                     self._send_tokens(sender, held)
                     held = []
                 if step.finish_reason:
