@@ -1,4 +1,4 @@
-"""python -m benchmarks: serve (sweep a deployment) | roofline | suite (make bench) | cpu-engine | soak."""
+"""python -m benchmarks: serve (sweep a deployment) | roofline | suite (make bench) | cpu-engine | soak | ceiling."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from client.cli import example, program
 
 def _serve(args) -> int:
     from benchmarks import report
+    from benchmarks.procstat import ServerProcesses
     from benchmarks.runner import Target, run_sweep
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
@@ -22,7 +23,11 @@ def _serve(args) -> int:
     model = args.model if args.backend == "openai" else {"bls": "tensorrt_llm_bls"}.get(args.model, args.model)
     target = Target(args.url, model, protocol, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
     workload = _workload(args)
-    results = run_sweep(target, workload, [int(c) for c in args.concurrency.split(",")], slo)
+    # The server's CPU per streamed token, when its processes are on this machine: Triton behind --url
+    # (or --triton-url behind an OpenAI frontend), and the frontend itself.
+    triton_url, openai_url = (args.url, None) if args.backend == "triton" else (args.triton_url, args.url)
+    processes, missing = ServerProcesses.find(triton_url, openai_url, args.server_pid, args.openai_pid)
+    results = run_sweep(target, workload, [int(c) for c in args.concurrency.split(",")], slo, processes, missing)
     report.write_results(results, Path(args.out))
     print(report.summary(results))
     return 0
@@ -114,6 +119,27 @@ def _soak(args) -> int:
     return 0 if result["lost"] == result["garbled"] == 0 and not result["failed"] and result["ready_after"] else 1
 
 
+def _ceiling(args) -> int:
+    """Serve the repository and its OpenAI frontend; CPU per streamed token of every server process, per path
+    and concurrency."""
+    from benchmarks import ceiling
+    from build_engine import UserError
+
+    repo, out = Path(args.repo).resolve(), Path(args.out)
+    paths = tuple(args.paths.split(","))
+    unknown = [p for p in paths if p not in ceiling.PATHS]
+    if unknown:
+        raise UserError(f"--paths: unknown path {unknown[0]!r}; paths: {', '.join(ceiling.PATHS)}")
+    cfg = ceiling.CeilingConfig(concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+                                paths=paths, output_len=args.output_len,
+                                input_len=args.input_len, num_prompts_per_stream=args.num_prompts_per_stream)
+    results = ceiling.serve_and_run(repo, cfg, out)
+    md = ceiling.write(results, cfg, repo, out)
+    print(ceiling.table(results))
+    print(f"results in {md}, {out / 'ceiling.json'} and {out / 'ceiling.png'}")
+    return 0
+
+
 # The workload options, declared once: each command takes the ones it uses, and _workload() builds the
 # benchmarks.runner.Workload from whichever a command has.
 WORKLOAD_OPTIONS = {
@@ -159,6 +185,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", default="1,2,4,8", help="comma-separated caps; one run each")
     _workload_options(s, *WORKLOAD_OPTIONS)
     s.add_argument("--goodput", help="SLOs, e.g. ttft_ms:500,tpot_ms:50")
+    s.add_argument("--server-pid", type=int, help="tritonserver's pid, for its CPU per token (default: the process "
+                                                  "listening on the Triton URL's port, when it is on this machine)")
+    s.add_argument("--triton-url", help="openai: the gRPC address of the Triton behind the frontend, to measure its "
+                                        "CPU too")
+    s.add_argument("--openai-pid", type=int, help="the OpenAI frontend's pid (default: with --backend openai, the "
+                                                  "process listening on --url's port)")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_serve)
     s = sub.add_parser("compare", help="ratios between two result JSON files",
@@ -220,6 +252,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="results/soak")
     s.set_defaults(handler=_soak)
+    s = sub.add_parser("ceiling", help="serve a repository; CPU microseconds per streamed token of tritonserver, each "
+                                       "python stub and the OpenAI frontend, per path and concurrency, and the "
+                                       "throughput at which one GIL saturates",
+                       **example("python -m benchmarks ceiling --repo artifacts/smol/model_repository --out "
+                                 "results/ceiling --concurrency 1,16,64"))
+    s.add_argument("--repo", required=True)
+    s.add_argument("--out", default="results/ceiling")
+    s.add_argument("--concurrency", default="1,16,64,128", help="comma-separated caps; one run each per path")
+    s.add_argument("--paths", default="bls,ensemble,openai",
+                   help="bls: tensorrt_llm_bls over gRPC; ensemble: the ensemble over gRPC; openai: the OpenAI "
+                        "frontend (a separate process) (default: %(default)s)")
+    s.add_argument("--output-len", type=int, default=256, help="fixed output length (EOS ignored via min_tokens)")
+    s.add_argument("--input-len", type=int, default=64,
+                   help="prompt tokens with the repository's tokenizer (synthetic prompts without transformers)")
+    s.add_argument("--num-prompts-per-stream", type=int, default=2, help="requests per run = concurrency x this")
+    s.set_defaults(handler=_ceiling)
     return p
 
 

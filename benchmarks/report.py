@@ -12,9 +12,13 @@ KEYS = ("completed", "failed", "total_input_tokens", "request_throughput", "outp
         "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "median_e2el_ms")
 
 
+def environment() -> dict:
+    return {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+
+
 def write_results(results: list[dict], out: Path, prefix: str = "serve") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+    env = environment()
     for r in results:
         c = r["concurrency"]
         (out / f"{prefix}_c{c}.json").write_text(json.dumps({**r, "environment": env}, indent=2))
@@ -58,14 +62,32 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_processes(results: list[dict]) -> list[str]:
+    """The server processes whose CPU any run measured, in the order first seen."""
+    return list(dict.fromkeys(name for r in results for name in (r.get("server_cpu") or {})))
+
+
+def cpu_us_per_token(r: dict, process: str | None = None) -> float | None:
+    """A run's server CPU µs per streamed token: one process's, or the total (None: missing)."""
+    if process is None:
+        return r.get("server_cpu_total_us_per_token")
+    return ((r.get("server_cpu") or {}).get(process) or {}).get("us_per_token")
+
+
 def summary(results: list[dict]) -> str:
     def fmt(v):
         return "missing" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    rows = [["concurrency", *KEYS]] + [[str(r["concurrency"]), *[fmt(r["metrics"].get(k)) for k in KEYS]]
-                                       for r in results]
+    # Server CPU columns only for runs that measured it (a served target; not the engine alone).
+    procs = cpu_processes(results)
+    cpu_cols = [*procs, None] if any("server_cpu" in r for r in results) else []
+    header = ["concurrency", *KEYS, *(f"{p or 'server total'} us/tok" for p in cpu_cols)]
+    rows = [header] + [[str(r["concurrency"]), *[fmt(r["metrics"].get(k)) for k in KEYS],
+                        *[fmt(cpu_us_per_token(r, p)) for p in cpu_cols]] for r in results]
+    missing = sorted({r["server_cpu_missing"] for r in results if r.get("server_cpu_missing")})
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join(["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+                     + [f"server CPU not measured: {m}" for m in missing])
 
 
 def compare(a: dict, b: dict) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.metrics import Recorder, RequestOutput, calculate_metrics
+from benchmarks.procstat import CpuWindow, ServerProcesses, total_us_per_token
 from client import AsyncClient, Chunk, Client, Message
 
 
@@ -164,7 +166,10 @@ def prompts_for(w: Workload) -> list[str]:
     return synthetic_prompts(w.num_prompts, w.input_words, w.seed)
 
 
-async def run(target: Target, w: Workload, concurrency: int) -> tuple[list[RequestOutput], float]:
+async def run(target: Target, w: Workload, concurrency: int,
+              window: contextlib.AbstractContextManager | None = None) -> tuple[list[RequestOutput], float]:
+    """The workload's requests (after its warmup) and the timed window's length; `window` (e.g. a
+    procstat.CpuWindow) is entered around the timed window only."""
     prompts = prompts_for(w)
     gaps = _gaps(w, random.Random(w.seed))
     sem = asyncio.Semaphore(concurrency)
@@ -188,17 +193,39 @@ async def run(target: Target, w: Workload, concurrency: int) -> tuple[list[Reque
             async with sem:
                 return await call(p)
 
-        t0 = time.perf_counter()
-        tasks = []
-        for p in prompts:
-            tasks.append(asyncio.create_task(limited(p)))
-            await asyncio.sleep(next(gaps))
-        outputs = await asyncio.gather(*tasks)
-        return list(outputs), time.perf_counter() - t0
+        with window or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            tasks = []
+            for p in prompts:
+                tasks.append(asyncio.create_task(limited(p)))
+                await asyncio.sleep(next(gaps))
+            outputs = await asyncio.gather(*tasks)
+            duration_s = time.perf_counter() - t0
+        return list(outputs), duration_s
     finally:
         if client is not None:
             await client.close()
 
 
-def run_sweep(target: Target, w: Workload, concurrencies: list[int], slo_ms: dict | None = None) -> list[dict]:
-    return [result(target.describe(), w, c, *asyncio.run(run(target, w, c)), slo_ms) for c in concurrencies]
+def measure(target: Target, w: Workload, concurrency: int, slo_ms: dict | None = None,
+            processes: ServerProcesses | None = None, missing: str | None = None, **extra) -> dict:
+    """One run's results record with the server's CPU cost per streamed token over its timed window:
+    `server_cpu` per process (procstat.cpu_per_token) and `server_cpu_total_us_per_token`, or
+    `server_cpu` None and `server_cpu_missing` (why) when there are no local server processes to read."""
+    window = CpuWindow(processes) if processes is not None else None
+    outputs, duration_s = asyncio.run(run(target, w, concurrency, window))
+    r = result(target.describe(), w, concurrency, outputs, duration_s, slo_ms, **extra)
+    if window is None:
+        cpu = {"server_cpu": None, "server_cpu_missing": missing or "no server processes given"}
+    else:
+        per = window.per_token(r["metrics"]["total_output_tokens"])
+        cpu = {"server_cpu": per, "server_cpu_total_us_per_token": total_us_per_token(per)}
+        if processes.missing:  # found in part (a frontend that nothing serves): say what is not counted
+            cpu["server_cpu_missing"] = "; ".join(processes.missing)
+    requests = r.pop("requests")  # kept last: the raw per-request arrays are the bulk of the file
+    return {**r, **cpu, "requests": requests}
+
+
+def run_sweep(target: Target, w: Workload, concurrencies: list[int], slo_ms: dict | None = None,
+              processes: ServerProcesses | None = None, missing: str | None = None) -> list[dict]:
+    return [measure(target, w, c, slo_ms, processes, missing) for c in concurrencies]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -196,3 +197,135 @@ def test_overhead_pairs_runs_by_concurrency_and_flags_a_negative_difference():
     assert "c=4" in text and "negative median_itl_ms" in text and "missing" in text
     with pytest.raises(ValueError, match="c=1 paired with engine c=4"):
         overhead([run(1, 1.0, 1.0)], [run(4, 1.0, 1.0)])
+
+
+# The serving path's CPU per streamed token (benchmarks.procstat, benchmarks.ceiling).
+
+STUB = "/cache/triton-backends-py3.11/python/triton_python_backend_stub"
+
+
+def stub_cmdline(model: str, instance: int = 0) -> list[str]:
+    """A python-backend stub's command line as Triton 2.51 starts it."""
+    return [STUB, f"/repo/{model}/1/model.py", "triton_python_backend_shm_region_0ea6", "1048576", "1048576",
+            "3902", "/cache/triton-backends-py3.11/python", "336", f"{model}_0_{instance}", "DEFAULT"]
+
+
+def test_cpu_per_token_is_each_process_cpu_over_the_window_per_streamed_token():
+    from benchmarks.procstat import cpu_per_token, total_us_per_token
+
+    before, after = {"tritonserver": 10.0, "tensorrt_llm_bls": 5.0}, {"tritonserver": 10.5, "tensorrt_llm_bls": 5.25}
+    per = cpu_per_token(before, after, tokens=1000)
+    assert per["tritonserver"] == pytest.approx({"cpu_s": 0.5, "us_per_token": 500.0})
+    assert per["tensorrt_llm_bls"] == pytest.approx({"cpu_s": 0.25, "us_per_token": 250.0})
+    assert total_us_per_token(per) == pytest.approx(750.0)
+
+
+def test_cpu_per_token_without_tokens_or_a_vanished_process_is_missing_not_zero():
+    from benchmarks.procstat import cpu_per_token, total_us_per_token
+
+    none_streamed = cpu_per_token({"tritonserver": 1.0}, {"tritonserver": 1.2}, tokens=0)
+    assert none_streamed["tritonserver"]["us_per_token"] is None
+    assert none_streamed["tritonserver"]["cpu_s"] == pytest.approx(0.2)  # the CPU was used all the same
+    gone = cpu_per_token({"tritonserver": 1.0, "postprocessing": 2.0}, {"tritonserver": 1.1}, tokens=100)
+    assert gone["postprocessing"] == {"cpu_s": None, "us_per_token": None}
+    assert total_us_per_token(gone) is None and total_us_per_token({}) is None
+
+
+def test_stubs_are_named_by_model_with_an_instance_suffix_when_a_model_has_several():
+    from benchmarks.procstat import base_name, child_names, stub_model
+
+    assert stub_model(stub_cmdline("tensorrt_llm_bls")) == "tensorrt_llm_bls"
+    assert stub_model(["/usr/bin/python3", "/repo/x/1/model.py"]) is None
+    names = child_names([(30, "triton_python_backend_stub", stub_cmdline("tensorrt_llm_bls", 1)),
+                         (20, "triton_python_backend_stub", stub_cmdline("tensorrt_llm_bls", 0)),
+                         (10, "triton_python_backend_stub", stub_cmdline("postprocessing")),
+                         (40, "sh", ["/bin/sh", "-c", "true"])])
+    assert names == {10: "postprocessing", 20: "tensorrt_llm_bls#1", 30: "tensorrt_llm_bls#2", 40: "other:sh"}
+    assert base_name("tensorrt_llm_bls#2") == "tensorrt_llm_bls"
+
+
+def test_no_server_processes_are_found_for_a_remote_host_or_a_closed_port():
+    from benchmarks.procstat import ServerProcesses
+    from model_repo.server import free_port
+
+    found, why = ServerProcesses.find("192.0.2.1:8001")  # TEST-NET-1: never this machine
+    assert found is None and "192.0.2.1 is not this machine" in why
+    port = free_port()
+    found, why = ServerProcesses.find(f"127.0.0.1:{port}", f"http://localhost:{port}/v1")
+    assert found is None and why.count(f"nothing listens on port {port}") == 2
+    assert ServerProcesses.find(None) == (None, "no server address or pid given")
+
+
+def canned_run(path: str, concurrency: int, server_cpu_s: dict | None, tokens_per_stream: int = 4,
+               failed: int = 0) -> dict:
+    """A results record as benchmarks.runner.measure writes one: `concurrency` streams of
+    `tokens_per_stream` tokens (the last one short) plus `failed` failed ones, over 1 s."""
+    from benchmarks.procstat import cpu_per_token, total_us_per_token
+    from benchmarks.runner import result
+
+    outputs = [RequestOutput(True, 0.01 * (i + 1), [0.002] * 3, 0.02, 8, tokens_per_stream - (i == concurrency - 1))
+               for i in range(concurrency)] + [RequestOutput(False, error="APIConnectionError: boom")] * failed
+    r = result({"url": "u", "model": "m", "protocol": "grpc"}, Workload(output_len=tokens_per_stream),
+               concurrency, outputs, 1.0, path=path)
+    if server_cpu_s is None:
+        return {**r, "server_cpu": None, "server_cpu_missing": "nothing listens on port 1"}
+    per = cpu_per_token(dict.fromkeys(server_cpu_s, 0.0), server_cpu_s, r["metrics"]["total_output_tokens"])
+    return {**r, "server_cpu": per, "server_cpu_total_us_per_token": total_us_per_token(per)}
+
+
+def test_ceiling_table_and_plot_from_canned_results(tmp_path):
+    from benchmarks import ceiling
+
+    results = [  # 4 streams: 4 + 4 + 4 + 3 = 15 tokens; BLS with two instances, one 1.5x the other
+        canned_run("bls", 4, {"tritonserver": 0.003, "tensorrt_llm_bls#1": 0.003, "tensorrt_llm_bls#2": 0.0045,
+                              "postprocessing": 0.0, "preprocessing": 0.0, "tensorrt_llm": 0.03}),
+        canned_run("openai", 4, {"tritonserver": 0.003, "tensorrt_llm_bls": 0.003, "tensorrt_llm": 0.03,
+                                 "frontend": 0.006}, failed=1),
+        canned_run("ensemble", 4, None),
+    ]
+    assert ceiling.implied_ceiling(results[0]) == pytest.approx(1e6 / 300)  # the busier BLS instance
+    assert ceiling.implied_ceiling(results[1]) == pytest.approx(1e6 / 400)  # the frontend, not the engine
+    assert ceiling.implied_ceiling(results[2]) is None
+    md = ceiling.write(results, ceiling.CeilingConfig(concurrencies=(4,)), tmp_path / "repo", tmp_path)
+    lines = md.read_text().splitlines()
+    head = next(line for line in lines if line.startswith("| path"))
+    for column in ("output tok/s", "median TTFT ms", "median ITL ms", "failed / short", "tritonserver µs/token",
+                   "tensorrt_llm_bls µs/token", "postprocessing µs/token", "preprocessing µs/token",
+                   "engine stand-in µs/token", "frontend µs/token", "implied single-GIL ceiling tok/s"):
+        assert f"| {column} |" in head
+    rows = {line.split(" | ")[0][2:]: [c.strip() for c in line.strip("| ").split(" | ")]
+            for line in lines if line.startswith("| ") and not line.startswith("| path")}
+    assert rows["bls"] == ["bls", "4", "15.0", "25.0", "2.00", "0 / 1", "200", "200 + 300", "0", "0", "2,000", "–",
+                           "3,333"]
+    assert rows["openai"][5:] == ["1 / 1", "200", "200", "–", "–", "2,000", "400", "2,500"]
+    assert rows["ensemble"][5:] == ["0 / –", *["missing"] * 6, "missing"]  # short: counted in chunks there
+    assert "openai c=4: 1 x APIConnectionError" in md.read_text()
+    assert "server CPU not measured: ensemble c=4: nothing listens on port 1" in md.read_text()
+    saved = json.loads((tmp_path / "ceiling.json").read_text())
+    assert saved["runs"][0]["server_cpu"]["tensorrt_llm_bls#2"]["cpu_s"] == pytest.approx(0.0045)
+    assert (tmp_path / "ceiling.png").stat().st_size > 1000
+
+
+def test_the_summary_prints_each_server_process_cpu_per_token_and_why_it_is_missing():
+    from benchmarks.report import summary
+
+    text = summary([canned_run("bls", 4, {"tritonserver": 0.003, "tensorrt_llm_bls": 0.0045}),
+                    canned_run("bls", 2, None)])
+    head, measured, missing, note = text.splitlines()
+    assert "tritonserver us/tok" in head and "tensorrt_llm_bls us/tok" in head and "server total us/tok" in head
+    assert measured.split()[-3:] == ["200.00", "300.00", "500.00"]
+    assert missing.split()[-3:] == ["missing"] * 3
+    assert note == "server CPU not measured: nothing listens on port 1"
+    assert "us/tok" not in summary([{"concurrency": 1, "metrics": {}}])  # the engine alone: no server
+
+
+def test_a_served_sweep_records_the_cpu_per_token_of_tritonserver_and_each_stub(tiny_server, tmp_path):
+    from benchmarks.__main__ import main
+
+    assert main(["serve", "--url", tiny_server.grpc_url, "--concurrency", "2", "--num-prompts", "2",
+                 "--output-len", "8", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "serve_c2.json").read_text())
+    cpu = r["server_cpu"]
+    assert set(cpu) == {"tritonserver", "tensorrt_llm_bls", "preprocessing", "postprocessing", "tensorrt_llm"}
+    assert cpu["tensorrt_llm_bls"]["cpu_s"] >= 0 and cpu["tritonserver"]["us_per_token"] is not None
+    assert r["server_cpu_total_us_per_token"] == pytest.approx(sum(v["us_per_token"] for v in cpu.values()))

@@ -158,3 +158,18 @@ def test_served_it_honours_the_backend_contract_and_cancellation(synthetic_serve
     assert engine_metrics(synthetic_server)[("nv_trt_llm_request_metrics", "active")] == 1
     c.stop_stream(cancel_requests=True)
     wait_engine_idle(synthetic_server, 5)
+
+
+def test_a_caller_that_keeps_up_gets_every_token_in_its_own_response(tiny_ckpt, tmp_path):
+    """The BLS sends what piled up since its last send: at a GPU-like 50 tokens/s per stream nothing piles
+    up, so no token waits for the next (each response carries exactly one more token)."""
+    from build_engine import synthetic
+    from client import Client
+    from model_repo.generate import generate
+    from model_repo.server import TritonServer
+
+    engine_dir = synthetic.build(tiny_ckpt, tmp_path / "engine", schedule="rate", tokens_per_s=50)
+    with TritonServer(generate(engine_dir, tmp_path / "repo")) as server:
+        counts = [c.completion_tokens for c in Client(server.grpc_url).stream(
+            [Message("user", "Hi")], max_tokens=40, min_tokens=40) if c.text]
+    assert counts == list(range(1, 41))

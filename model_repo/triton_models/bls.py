@@ -10,17 +10,18 @@ them for the ensemble; and bans the ids the engine has but the tokenizer lacks (
 
 import collections
 import dataclasses
+import queue
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from build_engine.tokenization import Detokenizer, load_tokenizer
+from build_engine.tokenization import load_tokenizer
 from client.limits import check_sampling
 from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelSender, CancelWatch,
-                                             InnerRequestIds, PromptEncoder, StopText, check_no_parameters,
-                                             engine_sampling, failure_message, padding_ids, params, refusal, scalar,
-                                             strings, to_words_list)
+                                             InnerRequestIds, PromptEncoder, ReplyText, UnknownToken,
+                                             check_no_parameters, engine_sampling, failure_message, padding_ids,
+                                             params, refusal, scalar, strings, to_words_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The last requests' BLS objects (requests, their NumPy-backed tensors, response iterators), kept so that
@@ -144,48 +145,77 @@ class TritonPythonModel:
 
     def _relay(self, call: "_Call", sender):
         """Runs the inner request, sends the text deltas (when streaming) and returns the final response,
-        or None if the caller cancelled. Every inner stream is read to its end (see _KEEP)."""
-        detok = Detokenizer(self.tok, skip_ids=(call.end_id,))
-        cut = StopText(call.stops)
-        n_out, pieces = 0, []
+        or None if the caller cancelled. Each delta carries every token that arrived while the last one was
+        being sent: a caller that keeps up gets each token at once, a backlog costs one message."""
+        text = ReplyText(self.tok, call.end_id, call.stops, self.vocab_size)
+        rid = call.inner.request_id()
         # A caller that leaves stops the inner request at once, queued or mid-prefill included.
-        with self.watch.watching(sender, lambda: self._stop(call.inner.request_id())) as caller:
-            responses = call.inner.exec(decoupled=True)
-            _KEEP.append((call.inner, responses))
-            for r in responses:
-                if caller.cancelled:  # the inner request is stopped: read what is still in flight
-                    for _ in responses:
-                        pass
+        with self.watch.watching(sender, lambda: self._stop(rid)) as caller:
+            for batch in InnerStream(call.inner).batches():
+                if caller.cancelled:
                     return None
-                if r.has_error():
-                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
-                out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-                failure = failure_message(pb_utils, r)
-                if failure is not None:
-                    raise RuntimeError(failure)
-                if out is None or cut.stopped:  # after a stop sequence: drain what is in flight
-                    continue
-                new = [int(t) for t in out.as_numpy().reshape(-1)]
-                unknown = [t for t in new if not 0 <= t < self.vocab_size]
-                if unknown:  # the tokenizer would drop it from the text without a word: fail, and free the slot
-                    self._stop(call.inner.request_id())
-                    for _ in responses:
-                        pass
-                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                        f"generation failed: the engine emitted token id {unknown[0]}, which the tokenizer does not have"))
-                n_out += len(new)
-                delta = cut.push("".join(detok.push(t) for t in new))
-                if cut.stopped:  # the reply is complete: free the engine's slot instead of generating on
-                    self._stop(call.inner.request_id())
+                ids = []
+                for r in batch:
+                    if r.has_error():
+                        return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
+                    failure = failure_message(pb_utils, r)
+                    if failure is not None:
+                        raise RuntimeError(failure)
+                    out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+                    if out is not None:
+                        ids.extend(out.as_numpy().reshape(-1).tolist())
+                try:
+                    delta = text.push(ids)
+                except UnknownToken as e:  # the tokenizer would drop it from the text without a word
+                    self._stop(rid)
+                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
                 if call.stream and delta:
-                    sender.send(self._response(call.wanted, delta, n_out))
-                pieces.append(delta)
+                    sender.send(self._response(call.wanted, delta, text.tokens))
+                if text.stopped:  # the reply is complete: free the engine's slot instead of generating on
+                    self._stop(rid)
+                    break
             if caller.cancelled:  # the caller left as the inner stream ended
                 return None
-        tail = cut.push(detok.flush()) + cut.flush()
-        pieces.append(tail)
-        reason = "length" if n_out >= call.max_tokens and not cut.stopped else "stop"
-        return self._response(call.wanted, tail if call.stream else "".join(pieces), n_out, reason, len(call.ids))
+        tail = text.finish()
+        reason = "length" if text.tokens >= call.max_tokens and not text.stopped else "stop"
+        return self._response(call.wanted, tail if call.stream else text.text, text.tokens, reason, len(call.ids))
+
+
+class InnerStream:
+    """One tensorrt_llm request in flight, read to its end on a thread of its own (see _KEEP), whoever
+    stops listening: `batches()` yields, each time, every response that has arrived since the last."""
+
+    _END = object()
+
+    def __init__(self, request):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        responses = request.exec(decoupled=True)
+        _KEEP.append((request, responses))
+        threading.Thread(target=self._read, args=(responses,), daemon=True).start()
+
+    def _read(self, responses) -> None:
+        try:
+            for r in responses:
+                self._queue.put(r)
+        except Exception as e:  # a broken inner stream fails the request, in the relay's thread
+            self._queue.put(e)
+        finally:
+            self._queue.put(self._END)
+
+    def batches(self):
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            done = batch[-1] is self._END
+            if done:
+                batch.pop()
+            if batch and isinstance(batch[-1], Exception):
+                raise batch[-1]
+            if batch:
+                yield batch
+            if done:
+                return
 
 
 @dataclasses.dataclass

@@ -226,6 +226,51 @@ class StopText:
         return out
 
 
+class UnknownToken(ValueError):
+    """The engine emitted an id the tokenizer does not have."""
+
+
+class ReplyText:
+    """A reply's token ids -> its text deltas: detokenized without losing SentencePiece spaces or splitting
+    a character, the end id skipped, cut before the first stop string, and the tokens counted up to it.
+    Ids may come one at a time or several at once (what piled up while the last delta was sent): the
+    concatenated deltas, the count and the stop are the same either way."""
+
+    def __init__(self, tokenizer, end_id: int, stops: list[str], vocab_size: int):
+        from build_engine.tokenization import Detokenizer
+
+        self.detok, self.cut, self.vocab_size = Detokenizer(tokenizer, skip_ids=(end_id,)), StopText(stops), vocab_size
+        self.tokens = 0  # generated tokens, up to the one that completes a stop string
+        self.pieces: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut.stopped
+
+    def push(self, ids) -> str:
+        out = []
+        for t in ids:
+            if self.cut.stopped:  # the reply is complete; what the engine sent after it is not part of it
+                break
+            if not 0 <= t < self.vocab_size:
+                raise UnknownToken(f"the engine emitted token id {t}, which the tokenizer does not have")
+            self.tokens += 1
+            out.append(self.cut.push(self.detok.push(t)))
+        delta = "".join(out)
+        self.pieces.append(delta)
+        return delta
+
+    def finish(self) -> str:
+        """The text still held back (an incomplete character, a tail that could begin a stop string)."""
+        tail = self.cut.push(self.detok.flush()) + self.cut.flush()
+        self.pieces.append(tail)
+        return tail
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 class CancelWatch:
     """Watches the callers of a model's requests in flight, as TensorRT-LLM's backend watches its own
     (model_instance_state.cc, its WaitForCancel thread, TensorRT-LLM 1.2.x): one thread asks each

@@ -45,9 +45,6 @@ class TritonPythonModel:
         queue = int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0))
         self.engine = CpuEngine(p[backend_contract.MODEL_PATH_PARAMETER], max_batch_size=int(cfg["max_batch_size"]),
                                 kv_cache_tokens=int(budget) if budget else None, max_queue_size=queue)
-        # The CPU engine's reader sends what has piled up as one response (two cores shared by the engine and
-        # every stub); the synthetic engine stands in for the C++ backend, which sends one response per step.
-        self.coalesce = self.engine.kind == "cpu-engine"
         self.metrics = EngineMetrics(self.engine, args["model_name"], args["model_version"])
         self.exclude_input_default = p.get("exclude_input_in_output", "false") in backend_contract.TRUE_SPELLINGS
         self.live = {}  # request id -> engine stream, for stop requests and the cancel channel
@@ -161,8 +158,10 @@ class TritonPythonModel:
                     held.append(step.token_id)
                 # Stream a chunk when it decodes to complete characters, and when no later step is already
                 # waiting: a reader that fell behind (two cores shared by the engine and every stub) sends what
-                # has piled up as one response instead of one IPC round per token.
-                if streaming and held and step.text and not step.finish_reason and not (self.coalesce and stream.backlog):
+                # has piled up as one response instead of one IPC round per token. (The C++ backend sends one
+                # per step, in process; from a stub, one per step at a synthetic engine's full rate deadlocked
+                # Triton 2.51's python backend: its threads blocked in send, the BLS's waiting for them.)
+                if streaming and held and step.text and not step.finish_reason and not stream.backlog:
                     self._send_tokens(sender, held)
                     held = []
                 if step.finish_reason:
