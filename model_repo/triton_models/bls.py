@@ -10,7 +10,6 @@ them for the ensemble; and bans the ids the engine has but the tokenizer lacks (
 
 import collections
 import dataclasses
-import queue
 import threading
 
 import numpy as np
@@ -96,8 +95,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("request_output_len", one), pb_utils.Tensor("stop", np.array([[True]]))])
         responses = stop.exec(decoupled=True)
         _KEEP.append((stop, responses))
-        for _ in responses:
-            pass
+        _drain(responses)
 
     @staticmethod
     def _response(wanted, text, n_out, finish_reason=None, n_prompt=None):
@@ -145,35 +143,35 @@ class TritonPythonModel:
 
     def _relay(self, call: "_Call", sender):
         """Runs the inner request, sends the text deltas (when streaming) and returns the final response,
-        or None if the caller cancelled. Each delta carries every token that arrived while the last one was
-        being sent: a caller that keeps up gets each token at once, a backlog costs one message."""
+        or None if the caller cancelled. Every inner stream is read to its end (see _KEEP)."""
         text = ReplyText(self.tok, call.end_id, call.stops, self.vocab_size)
         rid = call.inner.request_id()
         # A caller that leaves stops the inner request at once, queued or mid-prefill included.
         with self.watch.watching(sender, lambda: self._stop(rid)) as caller:
-            for batch in InnerStream(call.inner).batches():
-                if caller.cancelled:
+            responses = call.inner.exec(decoupled=True)
+            _KEEP.append((call.inner, responses))
+            for r in responses:
+                if caller.cancelled:  # the inner request is stopped: read what is still in flight
+                    _drain(responses)
                     return None
-                ids = []
-                for r in batch:
-                    if r.has_error():
-                        return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
-                    failure = failure_message(pb_utils, r)
-                    if failure is not None:
-                        raise RuntimeError(failure)
-                    out = pb_utils.get_output_tensor_by_name(r, "output_ids")
-                    if out is not None:
-                        ids.extend(out.as_numpy().reshape(-1).tolist())
+                if r.has_error():
+                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(r.error().message()))
+                failure = failure_message(pb_utils, r)
+                if failure is not None:
+                    raise RuntimeError(failure)
+                out = pb_utils.get_output_tensor_by_name(r, "output_ids")
+                if out is None or text.stopped:  # after a stop string: drain what is in flight
+                    continue
                 try:
-                    delta = text.push(ids)
-                except UnknownToken as e:  # the tokenizer would drop it from the text without a word
+                    delta = text.push(out.as_numpy().reshape(-1).tolist())
+                except UnknownToken as e:  # the tokenizer would drop it from the text without a word: fail, free the slot
                     self._stop(rid)
+                    _drain(responses)
                     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}"))
-                if call.stream and delta:
-                    sender.send(self._response(call.wanted, delta, text.tokens))
                 if text.stopped:  # the reply is complete: free the engine's slot instead of generating on
                     self._stop(rid)
-                    break
+                if call.stream and delta:
+                    sender.send(self._response(call.wanted, delta, text.tokens))
             if caller.cancelled:  # the caller left as the inner stream ended
                 return None
         tail = text.finish()
@@ -181,41 +179,9 @@ class TritonPythonModel:
         return self._response(call.wanted, tail if call.stream else text.text, text.tokens, reason, len(call.ids))
 
 
-class InnerStream:
-    """One tensorrt_llm request in flight, read to its end on a thread of its own (see _KEEP), whoever
-    stops listening: `batches()` yields, each time, every response that has arrived since the last."""
-
-    _END = object()
-
-    def __init__(self, request):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        responses = request.exec(decoupled=True)
-        _KEEP.append((request, responses))
-        threading.Thread(target=self._read, args=(responses,), daemon=True).start()
-
-    def _read(self, responses) -> None:
-        try:
-            for r in responses:
-                self._queue.put(r)
-        except Exception as e:  # a broken inner stream fails the request, in the relay's thread
-            self._queue.put(e)
-        finally:
-            self._queue.put(self._END)
-
-    def batches(self):
-        while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            done = batch[-1] is self._END
-            if done:
-                batch.pop()
-            if batch and isinstance(batch[-1], Exception):
-                raise batch[-1]
-            if batch:
-                yield batch
-            if done:
-                return
+def _drain(responses) -> None:
+    for _ in responses:
+        pass
 
 
 @dataclasses.dataclass
