@@ -133,7 +133,7 @@ def _ceiling(args) -> int:
     cfg = ceiling.CeilingConfig(concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
                                 paths=paths, output_len=args.output_len,
                                 input_len=args.input_len, num_prompts_per_stream=args.num_prompts_per_stream)
-    results = ceiling.serve_and_run(repo, cfg, out)
+    results = ceiling.serve_and_run(repo, cfg, out, on_run=lambda so_far: ceiling.write(so_far, cfg, repo, out))
     md = ceiling.write(results, cfg, repo, out)
     print(ceiling.table(results))
     print(f"results in {md}, {out / 'ceiling.json'} and {out / 'ceiling.png'}")

@@ -114,10 +114,11 @@ def _answers(url: str) -> bool:
         return False
 
 
-def serve_and_run(repo: Path, cfg: CeilingConfig, out: Path, progress=lambda line: print(line, flush=True)
-                  ) -> list[dict]:
+def serve_and_run(repo: Path, cfg: CeilingConfig, out: Path, progress=lambda line: print(line, flush=True),
+                  on_run=lambda results: None) -> list[dict]:
     """Serve the repository (and its OpenAI frontend when that path is asked for) and run every path at
-    every concurrency, with each server process's CPU measured over each timed window."""
+    every concurrency, with each server process's CPU measured over each timed window. `on_run` gets the
+    results so far after each run (the command writes them: a run that hangs loses only itself)."""
     from model_repo.__main__ import served_model_name
     from model_repo.server import TritonServer
 
@@ -141,6 +142,7 @@ def serve_and_run(repo: Path, cfg: CeilingConfig, out: Path, progress=lambda lin
             for c in cfg.concurrencies:
                 r = measure(target, workload(cfg, c, tokenizer), c, None, processes, missing, path=path)
                 results.append(r)
+                on_run(results)
                 progress(f"{path} c={c}: {_fmt(r['metrics']['output_throughput'])} tok/s, {r['metrics']['failed']} "
                          f"failed, server CPU {_fmt(r.get('server_cpu_total_us_per_token'), 0)} µs/token")
     return results

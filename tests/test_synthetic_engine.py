@@ -173,3 +173,24 @@ def test_a_caller_that_keeps_up_gets_every_token_in_its_own_response(tiny_ckpt, 
         counts = [c.completion_tokens for c in Client(server.grpc_url).stream(
             [Message("user", "Hi")], max_tokens=40, min_tokens=40) if c.text]
     assert counts == list(range(1, 41))
+
+
+def test_the_ceiling_command_measures_every_server_process_on_each_path(synthetic_max, tmp_path):
+    """benchmarks ceiling end to end on a synthetic repository: Triton and the OpenAI frontend (its own
+    process) are served, every stream completes, each process on a path has a CPU cost per token."""
+    import json
+
+    from benchmarks.__main__ import main
+    from model_repo.generate import generate
+
+    repo = generate(synthetic_max, tmp_path / "repo")
+    assert main(["ceiling", "--repo", str(repo), "--out", str(tmp_path / "out"), "--concurrency", "2",
+                 "--paths", "bls,openai", "--output-len", "16", "--input-len", "32"]) == 0
+    runs = json.loads((tmp_path / "out" / "ceiling.json").read_text())["runs"]
+    assert [(r["path"], r["concurrency"], r["metrics"]["failed"]) for r in runs] == [("bls", 2, 0), ("openai", 2, 0)]
+    for r in runs:
+        cpu = {name.split("#")[0]: v for name, v in r["server_cpu"].items()}
+        assert cpu["tritonserver"]["us_per_token"] > 0 and cpu["tensorrt_llm_bls"]["us_per_token"] > 0
+    assert "frontend" in {n.split("#")[0] for n in runs[1]["server_cpu"]}
+    assert "frontend" not in {n.split("#")[0] for n in runs[0]["server_cpu"]}
+    assert (tmp_path / "out" / "ceiling.png").stat().st_size > 1000
