@@ -25,7 +25,9 @@ EXAMPLES = """examples:
 def _generate(args) -> int:
     from model_repo.generate import generate
 
-    print(generate(Path(args.engine), Path(args.output), args.max_batch_size, args.instances, args.max_queue_size))
+    counts = {name: getattr(args, f"{name}_instances") or args.instances
+              for name in ("bls", "preprocessing", "postprocessing")}
+    print(generate(Path(args.engine), Path(args.output), args.max_batch_size, counts, args.max_queue_size))
     return 0
 
 
@@ -225,7 +227,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--max-batch-size", type=int)
-    s.add_argument("--instances", type=int, default=1, help="instances of the python pre/post/BLS models")
+    s.add_argument("--instances", type=int,
+                   help="instances of each python model (default: the target's; CPU 1, GPU BLS 4, pre 2, post 4)")
+    for name in ("bls", "preprocessing", "postprocessing"):
+        s.add_argument(f"--{name}-instances", type=int, help=f"instances of {name} (default: --instances)")
     s.add_argument("--max-queue-size", type=int,
                    help="requests waiting for tensorrt_llm before Triton refuses more (default: 4 x max batch size)")
     s.set_defaults(handler=_generate)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from build_engine import UserError, manifest
@@ -25,6 +26,28 @@ SAMPLING_INPUTS = [  # optional, shared by the ensemble and the BLS model
     Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
     Tensor("stream", B, (1,), True), Tensor("exclude_input_in_output", B, (1,), True),
 ]
+
+
+@dataclass(frozen=True)
+class Instances:
+    """Instances of each python model. A python-backend instance is a process of its own, one GIL: the BLS
+    and postprocessing do Python work for every streamed token, so their instances are what lets the
+    serving path use more than one core. Triton hands a model's requests to its instances as they free up,
+    and the BLS frees its instance at once (each request runs on a thread of its own)."""
+    bls: int = 1
+    preprocessing: int = 1
+    postprocessing: int = 1
+
+    def __post_init__(self):
+        for name, n in vars(self).items():
+            if n < 1:
+                raise UserError(f"--{name}-instances must be >= 1 (got {n})")
+
+
+# The CPU engine's host has two cores, which the engine computes on. A GPU host has 16 or more for the
+# serving path (a C++ engine needs about one): one BLS stub caps a stream of tokens near 3,000 a second
+# on this project's measurements, a GPU serving 64 streams produces several times that.
+DEFAULT_INSTANCES = {"cpu": Instances(), "gpu": Instances(bls=4, preprocessing=2, postprocessing=4)}
 
 
 def _backend_tensor(t: backend_contract.BackendTensor) -> Tensor:
@@ -64,7 +87,7 @@ def llm_parameters(eng: dict, engine_dir: Path) -> dict[str, str]:
 
 
 def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_batch_size: int,
-          instances: int, max_queue_size: int) -> list[ModelSpec]:
+          instances: Instances, max_queue_size: int) -> list[ModelSpec]:
     facts, limits = eng["model"], eng["limits"]
     end_id, pad_id = facts["end_id"], facts["pad_id"]
     max_output_len = limits["max_seq_len"] - 1
@@ -82,11 +105,11 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
                  Tensor("OUT_REQUEST_OUTPUT_LEN", I32, (1,)), Tensor("OUT_END_ID", I32, (1,)),
                  Tensor("OUT_PAD_ID", I32, (1,)), Tensor("STOP_WORDS_IDS", I32, (2, -1)),
                  Tensor("BAD_WORDS_IDS", I32, (2, -1))],
-        parameters=tok, instances=instances)
+        parameters=tok, instances=instances.preprocessing)
     post = ModelSpec(
         "postprocessing", "python", max_batch_size,
         inputs=[Tensor("TOKENS_BATCH", I32, (-1, -1)), Tensor("SEQUENCE_LENGTH", I32, (-1,))],
-        outputs=[Tensor("OUTPUT", S, (-1,))], parameters=tok, instances=instances)
+        outputs=[Tensor("OUTPUT", S, (-1,))], parameters=tok, instances=instances.postprocessing)
     llm = ModelSpec("tensorrt_llm", "python" if target == "cpu" else "tensorrtllm", max_batch_size, LLM_INPUTS,
                     LLM_OUTPUTS, decoupled=True, parameters=llm_parameters(eng, engine_dir),
                     batching=Batching(max_queue_size, preferred_batch_size=(max_batch_size,)))
@@ -121,7 +144,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
         outputs=[Tensor("text_output", S, (-1,)), Tensor("finish_reason", S, (1,)),
                  Tensor("prompt_tokens", I32, (1,)), Tensor("completion_tokens", I32, (1,))],
-        decoupled=True, instances=instances,
+        decoupled=True, instances=instances.bls,
         parameters={**tok, "tensorrt_llm_model_name": "tensorrt_llm",
                     # Triton 2.51 (the CPU server) loses a mid-stream error on its way to the BLS (common.py).
                     "engine_failure_marker": "true" if target == "cpu" else "false",
@@ -134,8 +157,10 @@ MODEL_FILES = {"preprocessing": "preprocessing.py", "postprocessing": "postproce
                "tensorrt_llm_bls": "bls.py", "tensorrt_llm": "tensorrt_llm_cpu.py"}
 
 
-def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, instances: int = 1,
+def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, instances: dict | None = None,
              max_queue_size: int | None = None) -> Path:
+    """`instances`: {bls, preprocessing, postprocessing: count}, each absent one the target's default
+    (DEFAULT_INSTANCES)."""
     engine_dir, output = Path(engine_dir).resolve(), Path(output)
     m = manifest.read(engine_dir)
     # The synthetic engine (no compute, a GPU's pace) is served like the CPU engine, by the python stand-in.
@@ -147,13 +172,14 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                         "engine samples over: rebuild it")
     mbs = max_batch_size or m["limits"]["max_batch_size"]
     queue = max_queue_size or QUEUE_PER_BATCH_SLOT * mbs
-    if mbs < 1 or instances < 1 or queue < 1:
-        raise UserError("--max-batch-size, --instances and --max-queue-size must be >= 1")
+    if mbs < 1 or queue < 1:
+        raise UserError("--max-batch-size and --max-queue-size must be >= 1")
+    counts = replace(DEFAULT_INSTANCES[target], **{k: v for k, v in (instances or {}).items() if v is not None})
     with manifest.staging(output) as tmp:
         # Inside a model folder: Triton would take a top-level folder for a model.
         tokenizer_dir = output.resolve() / "preprocessing" / "tokenizer"
         shutil.copytree(engine_dir / "tokenizer", tmp / "preprocessing" / "tokenizer")
-        for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, instances, queue):
+        for spec in specs(m, target, engine_dir, tokenizer_dir, mbs, counts, queue):
             if spec.name == "tensorrt_llm":
                 problems = backend_contract.check(message(spec))
                 if problems:  # a bug in this generator, never a user's mistake
@@ -167,7 +193,7 @@ def generate(engine_dir: Path, output: Path, max_batch_size: int | None = None, 
                 shutil.copyfile(MODELS_DIR / src, d / "1" / "model.py")
         manifest.write(tmp, "triton-repository", engine={"path": str(engine_dir), "kind": m["kind"],
                                                           "files": m["files"]},
-                       target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": instances,
+                       target=target, preset=m.get("preset"), settings={"max_batch_size": mbs, "instances": asdict(counts),
                                                                      "max_queue_size": queue},
                        # GPUs the engine spans: `serve` launches one tritonserver per GPU (leader mode) above 1.
                        world_size=m.get("world_size", 1), engine_vocab_size=m["engine_vocab_size"],

@@ -680,3 +680,28 @@ def test_gpu_serve_with_openai_port_runs_the_frontend_beside_tritonserver(gpu_re
     t.join(timeout=30)
     assert models["data"][0]["id"] == "tiny-hermes" and codes == [0]
 
+
+
+def test_python_models_get_instances_per_model_sized_for_the_target(gpu_repo, tiny_engine, tmp_path):
+    """A GPU host runs several BLS and postprocessing stubs (one GIL each); the CPU host one of each. The
+    CLI sets each model's count, or all of them; the repository manifest records them."""
+    from build_engine import manifest
+    from model_repo.__main__ import main
+    from model_repo.generate import DEFAULT_INSTANCES
+
+    def counts(repo):
+        return {m: parse((repo / m / "config.pbtxt").read_text()).instance_group[0].count
+                for m in ("tensorrt_llm_bls", "preprocessing", "postprocessing", "tensorrt_llm")}
+
+    gpu = DEFAULT_INSTANCES["gpu"]
+    assert gpu.bls > 1 and gpu.postprocessing > 1
+    assert counts(gpu_repo) == {"tensorrt_llm_bls": gpu.bls, "preprocessing": gpu.preprocessing,
+                                "postprocessing": gpu.postprocessing, "tensorrt_llm": 1}
+    assert main(["generate", "--engine", str(tiny_engine), "--output", str(tmp_path / "cpu")]) == 0
+    assert set(counts(tmp_path / "cpu").values()) == {1}
+    assert main(["generate", "--engine", str(tiny_engine), "--output", str(tmp_path / "cpu3"), "--instances", "2",
+                 "--bls-instances", "3"]) == 0
+    assert counts(tmp_path / "cpu3") == {"tensorrt_llm_bls": 3, "preprocessing": 2, "postprocessing": 2,
+                                         "tensorrt_llm": 1}
+    assert manifest.read(tmp_path / "cpu3")["settings"]["instances"] == {"bls": 3, "preprocessing": 2,
+                                                                       "postprocessing": 2}
