@@ -13,6 +13,7 @@ mid-stream cancels its Triton request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client import (AsyncClient, BadRequestError, ClientError, Message, OverloadedError, SamplingParams,
@@ -207,19 +209,21 @@ def create_app(cfg: FrontendConfig) -> FastAPI:
             message = f"unsupported parameter: {param}"
         return JSONResponse(ApiError(400, message, "invalid_request_error", param).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if cfg.api_key and not secrets.compare_digest(request.headers.get("authorization", ""),
-                                                          f"Bearer {cfg.api_key}"):
-                e = ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                             code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return JSONResponse(e.body(), status_code=401)
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(request: Request, e: StarletteHTTPException):
+        # What the web framework refuses itself (an unknown path, a wrong method, a body it cannot parse):
+        # OpenAI's shape too, which the SDKs read to raise the right exception.
+        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        return JSONResponse(ApiError(e.status_code, detail, error_type(e.status_code)).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        err = api_error(e)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    # Outermost (added last): the API key and the request count see every request, refused ones included.
+    app.add_middleware(_Gate, api_key=cfg.api_key, metrics=metrics)
 
     def check_model(name: str) -> None:
         if name != cfg.model_name:
@@ -330,6 +334,40 @@ def create_app(cfg: FrontendConfig) -> FastAPI:
     return app
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    return {401: "authentication_error", 403: "permission_error", 429: "overloaded_error",
+            503: "service_unavailable"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class _Gate:
+    """The API key check and the request count by endpoint and status, as plain ASGI: a function middleware
+    (Starlette's BaseHTTPMiddleware) would hide the client's disconnect from the endpoint, and a
+    non-streaming request whose client left would then run to its end."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.api_key:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
+                e = ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                             code="invalid_api_key")
+                self.metrics.requests.labels(path, "401").inc()
+                return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class _BodyLimit:
     """Refuse a request body over `max_bytes` with 413: by its Content-Length before reading it, or,
     without one, while reading it (at most `max_bytes` are held). uvicorn itself sets no limit."""
@@ -377,22 +415,32 @@ class _ClosingStreamingResponse(StreamingResponse):
 
 
 async def _until_disconnected(request: Request, items):
-    """Iterate `items`, stopping (and so cancelling it) if the HTTP client goes away meanwhile."""
+    """Iterate `items`, stopping (and so cancelling it) as soon as the HTTP client goes away. The body has
+    been read, so the next ASGI message is the disconnect: waiting for it sees a client leave at once
+    (uvicorn's zero-timeout `Request.is_disconnected()` polls never saw it under load)."""
     it = items.__aiter__()
+    gone = asyncio.ensure_future(_disconnect(request.receive))
     try:
         while True:
             nxt = asyncio.ensure_future(anext(it))
-            while not nxt.done():
-                await asyncio.wait({nxt}, timeout=0.1)
-                if not nxt.done() and await request.is_disconnected():
-                    nxt.cancel()
-                    raise ApiError(499, "the client disconnected", "cancelled")
+            await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
+                raise ApiError(499, "the client disconnected", "cancelled")
             try:
                 yield nxt.result()
             except StopAsyncIteration:
                 return
     finally:
+        gone.cancel()
         await items.aclose()
+
+
+async def _disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(obj) -> str:
