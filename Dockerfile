@@ -15,7 +15,7 @@ COPY benchmarks /opt/hermes-trtllm/benchmarks
 
 RUN python3 -m pip list --format=freeze > /opt/hermes-trtllm/container-pins.txt \
  && python3 -m pip install --no-cache-dir -c /opt/hermes-trtllm/container-pins.txt "/opt/hermes-trtllm[container]" \
- && python3 -c "import importlib.metadata as m, build_engine, model_repo, client; print('tensorrt_llm', m.version('tensorrt_llm'))"
+ && python3 -c "import importlib.metadata as m, common, build_engine, model_repo, client; print('tensorrt_llm', m.version('tensorrt_llm'))"
 
 # Which code the image holds (build_engine.manifest.source_digest): `serve` outside the image runs the
 # image's own `serve`, and refuses an image built from other code. The label must match what was installed.

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from build_engine import cli
-from client.cli import example, program
+from common import cli
+from common.cli import example, program
 
 
 def _serve(args) -> int:

@@ -9,6 +9,4 @@ tokenization (tokenizer loading, streaming detokenizer) is shared with the Trito
 
 __version__ = "0.1.0"
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad option, missing tool). Printed as one line."""
+from common.errors import UserError  # noqa: E402,F401  (build_engine's errors are the ground floor's)

@@ -7,8 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from build_engine import calibration, cli, presets
-from client.cli import example, program
+from build_engine import calibration, presets
+from common import cli
+from common.cli import example, program
 
 EXAMPLES = """examples:
   python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint

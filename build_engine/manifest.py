@@ -30,7 +30,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # The project's own code, as installed or checked out: its packages' .py files and presets.
-SOURCE_PACKAGES = ("build_engine", "model_repo", "client", "benchmarks")
+SOURCE_PACKAGES = ("common", "build_engine", "model_repo", "client", "benchmarks")
 SOURCE_PATTERNS = ("**/*.py", "presets/*.json")
 
 

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 
-from client import Client, Conversation, cli
-from client.cli import example, program
+from client import Client, Conversation
+from common import cli
+from common.cli import example, program
 
 EXAMPLES = """examples:
   python -m client chat --url 127.0.0.1:8001

@@ -32,6 +32,7 @@ from client.balancing import channel_args, endpoints, grpc_target
 from client.chatml import format_chatml
 from client.errors import ClientError, DeadlineExceededError, ServerError, UnavailableError, error_from_grpc
 from client.types import Chunk, Completion, Message, SamplingParams
+from common.request import MAX_TOKENS, PROMPT, SAMPLING, STOP, STREAM
 
 DEFAULT_MODEL = "tensorrt_llm_bls"
 
@@ -53,20 +54,14 @@ def request_fields(prompt: str, p: SamplingParams, stream: bool = True) -> dict[
     """The request, once for every transport: input name -> (Triton datatype, value). Optional fields
     are sent only when they differ from the model's neutral default."""
     fields: dict[str, tuple[str, object]] = {
-        "text_input": ("BYTES", prompt), "max_tokens": ("INT32", p.max_tokens), "stream": ("BOOL", stream),
-        "temperature": ("FP32", p.temperature), "top_p": ("FP32", p.top_p), "top_k": ("INT32", p.top_k),
-        "repetition_penalty": ("FP32", p.repetition_penalty),
-    }
-    if p.presence_penalty:
-        fields["presence_penalty"] = ("FP32", p.presence_penalty)
-    if p.frequency_penalty:
-        fields["frequency_penalty"] = ("FP32", p.frequency_penalty)
-    if p.min_tokens:
-        fields["min_tokens"] = ("INT32", p.min_tokens)
-    if p.seed is not None:
-        fields["seed"] = ("UINT64", p.seed)
+        PROMPT.name: (PROMPT.wire, prompt), STREAM.name: (STREAM.wire, stream),
+        MAX_TOKENS.name: (MAX_TOKENS.wire, p.max_tokens)}
+    for f in SAMPLING:
+        value = getattr(p, f.name)
+        if f.always or (value is not None and value != f.default):
+            fields[f.name] = (f.wire, value)
     if p.stop:
-        fields["stop_words"] = ("BYTES", list(p.stop))
+        fields[STOP.name] = (STOP.wire, list(p.stop))
     return fields
 
 

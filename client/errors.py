@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import BAD_REQUEST_MARKER, HermesError
 
-class ClientError(Exception):
+
+class ClientError(HermesError):
     """Base of every error this client raises."""
 
 
@@ -36,9 +38,6 @@ _BY_STATUS = {
     "FAILED_PRECONDITION": BadRequestError, "UNAVAILABLE": UnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError, "CANCELLED": CancelledError,
 }
-# The stable marker the deployment's own models put at the start of every request they refuse
-# (model_repo/triton_models/common.py sends it); in-band stream errors carry no status code.
-BAD_REQUEST_MARKER = "invalid request: "
 # A full queue: TensorRT-LLM's executor (executorImpl.cpp enqueueRequests, 1.2.x; the backend returns it as
 # INTERNAL) and Triton core's dynamic batcher (scheduler_utils.cc, r24.10; UNAVAILABLE).
 OVERLOADED_ERRORS = ("Maximum queue size of", "Exceeds maximum queue size")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from client.limits import check_sampling
+from common.limits import check_sampling
 
 ROLES = ("system", "user", "assistant")
 

@@ -12,8 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from build_engine import UserError, cli, container
-from client.cli import example, program
+from build_engine import UserError, container
+from common import cli
+from common.cli import example, program
 from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, check_serving_image, stop_signal
 
 EXAMPLES = """examples:

@@ -12,20 +12,20 @@ from pathlib import Path
 
 from build_engine import UserError, manifest
 from model_repo import backend_contract
+from common import request
 from model_repo.config import Batching, ModelSpec, Tensor, message, render
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
-S, I32, F32, U64, B = "TYPE_STRING", "TYPE_INT32", "TYPE_FP32", "TYPE_UINT64", "TYPE_BOOL"
+S, I32 = "TYPE_STRING", "TYPE_INT32"
 
-SAMPLING_INPUTS = [  # optional, shared by the ensemble and the BLS model
-    Tensor("stop_words", S, (-1,), True), Tensor("bad_words", S, (-1,), True),
-    Tensor("end_id", I32, (1,), True), Tensor("pad_id", I32, (1,), True),
-    Tensor("top_k", I32, (1,), True), Tensor("top_p", F32, (1,), True),
-    Tensor("temperature", F32, (1,), True), Tensor("repetition_penalty", F32, (1,), True),
-    Tensor("presence_penalty", F32, (1,), True), Tensor("frequency_penalty", F32, (1,), True),
-    Tensor("min_tokens", I32, (1,), True), Tensor("seed", U64, (1,), True),
-    Tensor("stream", B, (1,), True), Tensor("exclude_input_in_output", B, (1,), True),
-]
+def _request_tensor(f: request.RequestField, optional: bool = True) -> Tensor:
+    return Tensor(f.name, f.config_dtype, (-1,) if f.many else (1,), optional)
+
+
+# The public request's optional inputs (common.request), shared by the ensemble and the BLS model.
+SAMPLING_INPUTS = [_request_tensor(f) for f in request.OPTIONAL]
+# The ensemble hands these to tensorrt_llm as they are; preprocessing makes the rest.
+PASS_THROUGH = {f.engine: f.name for f in request.OPTIONAL if f.engine}
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
         # text_input and max_tokens are optional only so that a request without one reaches preprocessing,
         # which refuses it: Triton 2.51 checks an ensemble request's input count, not the names, and
         # answers a request that lacks a required input but carries an optional one with an empty response.
-        inputs=[Tensor("text_input", S, (1,), True), Tensor("max_tokens", I32, (1,), True), *SAMPLING_INPUTS],
+        inputs=[_request_tensor(request.PROMPT), _request_tensor(request.MAX_TOKENS), *SAMPLING_INPUTS],
         outputs=[Tensor("text_output", S, (-1,))],
         ensemble_steps=[
             {"model": "preprocessing",
@@ -130,18 +130,14 @@ def specs(eng: dict, target: str, engine_dir: Path, tokenizer_dir: Path, max_bat
             {"model": "tensorrt_llm",
              "inputs": {"input_ids": "_INPUT_ID", "input_lengths": "_INPUT_LEN", "request_output_len": "_OUTPUT_LEN",
                         "end_id": "_END_ID", "pad_id": "_PAD_ID", "stop_words_list": "_STOP_WORDS_IDS",
-                        "bad_words_list": "_BAD_WORDS_IDS", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
-                        "temperature": "temperature", "repetition_penalty": "repetition_penalty",
-                        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                        "min_tokens": "min_tokens", "seed": "seed", "streaming": "stream",
-                        "exclude_input_in_output": "exclude_input_in_output"},
+                        "bad_words_list": "_BAD_WORDS_IDS", **PASS_THROUGH},
              "outputs": {"output_ids": "_TOKENS", "sequence_length": "_SEQ_LEN"}},
             {"model": "postprocessing", "inputs": {"TOKENS_BATCH": "_TOKENS", "SEQUENCE_LENGTH": "_SEQ_LEN"},
              "outputs": {"OUTPUT": "text_output"}},
         ])
     bls = ModelSpec(
         "tensorrt_llm_bls", "python", max_batch_size,
-        inputs=[Tensor("text_input", S, (1,)), Tensor("max_tokens", I32, (1,)), *SAMPLING_INPUTS],
+        inputs=[_request_tensor(request.PROMPT, False), _request_tensor(request.MAX_TOKENS, False), *SAMPLING_INPUTS],
         outputs=[Tensor("text_output", S, (-1,)), Tensor("finish_reason", S, (1,)),
                  Tensor("prompt_tokens", I32, (1,)), Tensor("completion_tokens", I32, (1,))],
         decoupled=True, instances=instances.bls,

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from client import (AsyncClient, BadRequestError, ClientError, Message, OverloadedError, SamplingParams,
                     UnavailableError)
 from client.chatml import format_chatml
+from common.request import SAMPLING
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,7 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        given = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                 "top_k": self.top_k, "min_tokens": self.min_tokens, "repetition_penalty": self.repetition_penalty}
+        given = {f.name: getattr(self, f.openai) for f in SAMPLING if f.openai}
         return SamplingParams(max_tokens=max_tokens or default_max_tokens, stop=tuple(s for s in stop if s),
                               **{k: v for k, v in given.items() if v is not None})
 

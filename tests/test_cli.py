@@ -1,4 +1,4 @@
-"""The command-line root every package goes through (client.cli): examples that parse, one-line errors."""
+"""The command-line root every package goes through (common.cli): examples that parse, one-line errors."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def test_sampling_params_are_validated_before_any_call(kwargs, message):
 
 
 def test_prompt_and_max_tokens_must_fit_the_sequence_length_exactly():
-    from client.limits import sampling_problems
+    from common.limits import sampling_problems
 
     assert sampling_problems(max_tokens=48, prompt_tokens=2000, max_seq_len=2048) == []
     assert sampling_problems(max_tokens=49, prompt_tokens=2000, max_seq_len=2048) == [

@@ -185,12 +185,14 @@ def test_the_ceiling_command_measures_every_server_process_on_each_path(syntheti
 
     repo = generate(synthetic_max, tmp_path / "repo")
     assert main(["ceiling", "--repo", str(repo), "--out", str(tmp_path / "out"), "--concurrency", "2",
-                 "--paths", "bls,openai", "--output-len", "16", "--input-len", "32"]) == 0
+                 "--paths", "bls,openai", "--output-len", "128", "--input-len", "32"]) == 0
     runs = json.loads((tmp_path / "out" / "ceiling.json").read_text())["runs"]
     assert [(r["path"], r["concurrency"], r["metrics"]["failed"]) for r in runs] == [("bls", 2, 0), ("openai", 2, 0)]
     for r in runs:
+        # CPU time comes in 10 ms ticks: over 512 tokens a process can show 0, the stream's relay cannot.
         cpu = {name.split("#")[0]: v for name, v in r["server_cpu"].items()}
-        assert cpu["tritonserver"]["us_per_token"] > 0 and cpu["tensorrt_llm_bls"]["us_per_token"] > 0
+        assert all(v["us_per_token"] >= 0 for v in cpu.values())
+        assert cpu["tritonserver"]["us_per_token"] + cpu["tensorrt_llm_bls"]["us_per_token"] > 0
     assert "frontend" in {n.split("#")[0] for n in runs[1]["server_cpu"]}
     assert "frontend" not in {n.split("#")[0] for n in runs[0]["server_cpu"]}
     assert (tmp_path / "out" / "ceiling.png").stat().st_size > 1000

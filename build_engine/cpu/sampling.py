@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.limits import check_sampling
+from common.limits import check_sampling
 
 
 @dataclass(frozen=True)

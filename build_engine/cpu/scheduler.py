@@ -48,7 +48,7 @@ from build_engine import UserError, manifest
 from build_engine.cpu.decoder import Decoder
 from build_engine.cpu.sampling import Sampler, Sampling
 from build_engine.tokenization import Detokenizer, load_tokenizer
-from client.limits import check_sampling
+from common.limits import check_sampling
 
 DEFAULT_PREFILL_CHUNK = 64
 

@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from build_engine.tokenization import load_tokenizer
-from client.limits import check_sampling
+from common.limits import check_sampling
 from model_repo.triton_models.common import (FAILURE_MARKER, SAMPLING_TO_ENGINE, BadRequest, CancelSender, CancelWatch,
                                              InnerRequestIds, PromptEncoder, ReplyText, UnknownToken,
                                              check_no_parameters, engine_sampling, failure_message, padding_ids,

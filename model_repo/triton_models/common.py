@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client.errors import BAD_REQUEST_MARKER
-from client.limits import check_sampling
+from common.errors import BAD_REQUEST_MARKER
+from common.limits import check_sampling
+from common.request import SAMPLING
 
 
 def params(args: dict) -> dict[str, str]:
@@ -81,13 +82,9 @@ def from_words_list(arr: np.ndarray) -> list[list[int]]:
     return [w for w in out if w]
 
 
-# Ensemble-style sampling input -> tensorrt_llm input, dtype
-SAMPLING_TO_ENGINE = {
-    "top_k": ("runtime_top_k", np.int32), "top_p": ("runtime_top_p", np.float32),
-    "temperature": ("temperature", np.float32), "repetition_penalty": ("repetition_penalty", np.float32),
-    "presence_penalty": ("presence_penalty", np.float32), "frequency_penalty": ("frequency_penalty", np.float32),
-    "min_tokens": ("min_tokens", np.int32), "seed": ("seed", np.uint64),
-}
+NUMPY = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+# The public sampling input -> (tensorrt_llm input, dtype), from the request's declaration.
+SAMPLING_TO_ENGINE = {f.name: (f.engine, NUMPY[f.wire]) for f in SAMPLING}
 
 
 def tensorrt_llm_search(temperature: float, top_k: int, top_p: float | None) -> dict:

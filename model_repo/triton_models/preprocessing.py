@@ -5,7 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from build_engine.tokenization import load_tokenizer
 
-from client.limits import check_sampling
+from common.limits import check_sampling
 from model_repo.triton_models.common import (BadRequest, PromptEncoder, check_no_parameters, padding_ids, params,
                                              refusal, scalar, strings, to_words_list)
 

@@ -1,6 +1,5 @@
 """The command-line root of every package (`python -m build_engine | model_repo | benchmarks | client`):
-one-line errors with exit code 1, HERMES_DEBUG=1 for a traceback, 130 on Ctrl-C. It lives in `client`, the
-package every other one may import and which imports none of theirs, so the client's CLI stays light."""
+one-line errors with exit code 1, HERMES_DEBUG=1 for a traceback, 130 on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,15 +9,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from client.errors import ClientError
+from common.errors import HermesError, UserError
 
 DEBUG_HINT = " (HERMES_DEBUG=1 for a traceback)"
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-        self_explaining: tuple[type[BaseException], ...] = ()) -> int:
-    """Parse, call the command's handler, turn an error into one line. `self_explaining`: errors whose
-    message already says the fix, printed without the traceback hint."""
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, call the command's handler, turn an error into one line. A UserError's message already says
+    the fix: it is printed without the traceback hint."""
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int | None] | None = getattr(args, "handler", None)
     if handler is None:
@@ -27,13 +25,13 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     debug = bool(os.environ.get("HERMES_DEBUG"))
     try:
         return int(handler(args) or 0)
-    except (*self_explaining, ClientError, ValueError, KeyError, OSError) as e:
+    except (HermesError, ValueError, KeyError, OSError) as e:
         if debug:
             traceback.print_exc()
         message = str(e).strip("'") if isinstance(e, KeyError) else str(e)
-        if isinstance(e, ClientError):  # the class is part of the story: UnavailableError, BadRequestError ...
+        if isinstance(e, HermesError) and not isinstance(e, UserError):  # the class tells: UnavailableError ...
             message = f"{type(e).__name__}: {message}"
-        hint = "" if debug or isinstance(e, self_explaining) else DEBUG_HINT
+        hint = "" if debug or isinstance(e, UserError) else DEBUG_HINT
         print(f"error: {message}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -41,11 +39,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         return 130
 
 
-def entry(make_parser: Callable[[], argparse.ArgumentParser],
-          self_explaining: tuple[type[BaseException], ...] = ()) -> Callable[..., int]:
+def entry(make_parser: Callable[[], argparse.ArgumentParser]) -> Callable[..., int]:
     """A package's `main(argv=None)`: its parser under this root (`main = cli.entry(parser)`)."""
     def main(argv: Sequence[str] | None = None) -> int:
-        return run(make_parser(), argv, self_explaining)
+        return run(make_parser(), argv)
 
     return main
 
