@@ -71,7 +71,7 @@ def _cli(container: dict):
     """The container's `python3 -m model_repo ...` command, parsed by the project's own parser."""
     from model_repo.__main__ import parser
 
-    cmd = container["command"]
+    cmd = container.get("args") or container["command"]
     assert cmd[:3] == ["python3", "-m", "model_repo"], cmd
     return parser().parse_args(cmd[3:])
 
@@ -152,3 +152,13 @@ def test_autoscaler_metric_is_the_engines_and_fits_the_batch(rendered):
     assert rule["seriesQuery"].startswith('nv_trt_llm_request_metrics{request_type="active"')
     max_batch = presets.load(VALUES[values]).engine.max_batch_size
     assert 0 < int(metric["pods"]["target"]["averageValue"]) < max_batch
+
+
+def test_serving_containers_keep_the_images_entrypoint(rendered):
+    """`command:` would replace the NGC image's /opt/nvidia/nvidia_entrypoint.sh, which sets up CUDA forward
+    compatibility (a newer CUDA in the image than the node's driver then fails to load the engine): the
+    serving containers give `args:` only (kubeflow/kubeflow#2726; nvidia-container-toolkit #906, #1082)."""
+    _, objs = rendered
+    spec = _pod(objs)["spec"]
+    assert spec["containers"] and all("command" not in c and c["args"][:3] == ["python3", "-m", "model_repo"]
+                                      for c in spec["containers"])
