@@ -33,43 +33,59 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     from build_engine import manifest
-    from model_repo.server import Ports, TritonServer
+    from model_repo.server import Ports, TritonServer, check_ports_free
 
     repo = Path(args.repo).resolve()
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
         return _serve_gpu(repo, ports, args)
+    check_ports_free(args.host, {"--http-port": ports.http, "--grpc-port": ports.grpc,
+                                 "--metrics-port": ports.metrics,
+                                 **({"--openai-port": args.openai_port} if args.openai_port else {})})
     server = TritonServer(repo, args.host, ports, drain_timeout_s=args.drain_timeout)
+    # A stop signal during the load interrupts start(), which then stops what it started; once serving,
+    # it ends the watch loop below and the server drains.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    server.start(echo=not args.quiet)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start(echo=not args.quiet)
     frontend = None
-    if args.openai_port:
-        frontend = start_frontend(_frontend_config(args, server.grpc_url), args.host, args.openai_port)
-    print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-          f"metrics http://{args.host}:{args.metrics_port}/metrics"
-          + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
-          flush=True)
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    watchdog = StallWatchdog(f"http://{local}:{args.metrics_port}/metrics", args.stall_timeout)
-    next_check = time.monotonic() + 5
     try:
-        while not stop.wait(0.5):
-            if server.proc.poll() is not None:
-                raise UserError(f"tritonserver exited with code {server.proc.returncode}")
-            if args.stall_timeout and time.monotonic() >= next_check:
-                next_check = time.monotonic() + 5
-                stalled = watchdog.poll()
-                if stalled:
-                    raise UserError(f"tritonserver stalled: {stalled} (Triton 2.51's python backend can deadlock "
-                                    "under load, RELIABILITY.md); stopped it so that a supervisor restarts it")
+        if args.openai_port:
+            frontend = start_frontend(_frontend_config(args, server.grpc_url), args.host, args.openai_port)
+        print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
+              f"metrics http://{args.host}:{args.metrics_port}/metrics"
+              + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
+              flush=True)
+        _watch(server, stop, args)
     finally:
         if frontend is not None:
             frontend.should_exit = True
         server.stop()
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _watch(server, stop: threading.Event, args) -> None:
+    """Until `stop`: fail when tritonserver exits or a model stalls."""
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    watchdog = StallWatchdog(f"http://{local}:{args.metrics_port}/metrics", args.stall_timeout)
+    next_check = time.monotonic() + 5
+    while not stop.wait(0.5):
+        if server.proc.poll() is not None:
+            raise UserError(server.exit_message())
+        if args.stall_timeout and time.monotonic() >= next_check:
+            next_check = time.monotonic() + 5
+            stalled = watchdog.poll()
+            if stalled:
+                raise UserError(f"tritonserver stalled: {stalled} (Triton 2.51's python backend can deadlock "
+                                "under load, RELIABILITY.md); stopped it so that a supervisor restarts it")
 
 
 def _serve_gpu(repo: Path, ports, args) -> int:

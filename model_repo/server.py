@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +49,43 @@ def tritonserver_args(repo: Path, host: str, ports: Ports, drain_timeout_s: int 
         f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
         f"--exit-timeout-secs={drain_timeout_s}",
     ]
+
+
+PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metrics-port"}
+
+# Triton's log line when a listener cannot bind, e.g.
+# `failed to start GRPC service: Unavailable - Socket '127.0.0.1:8001' already in use`
+BUSY_SOCKET = re.compile(r"Socket '(?P<host>[^']*):(?P<port>\d+)' already in use")
+
+
+def port_in_use(host: str, port: int, flag: str) -> str:
+    return f"port {port} on {host} is already in use (another server?): stop what holds it or choose another with {flag}"
+
+
+def busy_port_message(log_lines: list[str], ports: Ports) -> str | None:
+    """One line naming the port that Triton could not bind and the flag that moves it, or None."""
+    for line in log_lines:
+        m = BUSY_SOCKET.search(line)
+        if m:
+            port = int(m["port"])
+            flags = [flag for name, flag in PORT_FLAGS.items() if getattr(ports, name) == port]
+            return port_in_use(m["host"], port, flags[0] if flags else "--http-port/--grpc-port/--metrics-port")
+    return None
+
+
+def check_ports_free(host: str, flags: dict[str, int]) -> None:
+    """Refuse up front a port that something already listens on ({flag: port}), rather than after Triton has
+    spent its load time. SO_REUSEADDR as the servers set it: a port in TIME_WAIT is free for them too."""
+    for flag, port in flags.items():
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UserError(port_in_use(host, port, flag)) from None
+                raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another with {flag}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +143,53 @@ def check_stub(backends: Path, env: dict[str, str]) -> None:
                         f"install a shared-library build of Python {sys.version_info.major}.{sys.version_info.minor}")
 
 
+SHM_DIR = Path("/dev/shm")
+STUB_GRACE_S = 2.0  # stubs of a server that stopped cleanly are gone by then; the others are killed
+
+
+def session_processes(sid: int) -> list:
+    """The processes of session `sid` other than its leader. tritonserver runs in a session of its own
+    (start_new_session), so its python backend stubs are there, and stay there once reparented to PID 1."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                found.append(p)
+    return found
+
+
+def stub_shm_regions(procs) -> set[str]:
+    """The /dev/shm regions that python backend stubs name on their command lines."""
+    import psutil
+
+    regions = set()
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            regions.update(a for a in p.cmdline() if "shm_region" in a and "/" not in a)
+    return regions
+
+
+def reap_session(sid: int, known_regions: set[str] = frozenset(), grace_s: float = STUB_GRACE_S) -> None:
+    """After tritonserver (the leader of session `sid`) has exited: a stub still running would live on under
+    PID 1, ignoring SIGTERM and holding its memory and /dev/shm region (seen when Triton exits during load,
+    e.g. on a busy port). Give stragglers `grace_s` to leave, SIGKILL the rest, then remove the regions that
+    the server's stubs named and that nobody removed."""
+    import psutil
+
+    left = session_processes(sid)
+    regions = set(known_regions) | stub_shm_regions(left)
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    for name in regions:
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+
+
 class TritonServer:
     def __init__(self, repo: Path, host: str = "127.0.0.1", ports: Ports | None = None,
                  log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None,
@@ -122,6 +208,7 @@ class TritonServer:
         self._log_thread: threading.Thread | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=5000)
         self._log_total = 0  # lines seen since start (the deque keeps the last 5000)
+        self._shm_regions: set[str] = set()  # the stubs' /dev/shm regions, removed at stop if left
 
     @property
     def grpc_url(self) -> str:
@@ -147,18 +234,34 @@ class TritonServer:
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._log_thread = threading.Thread(target=self._pump, args=(echo,), daemon=True)
         self._log_thread.start()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # a failed start (or Ctrl-C during it) leaves nothing running
+            self.stop()
+            raise
+        self._shm_regions = stub_shm_regions(session_processes(self.proc.pid))
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if self._log_thread:
-                    self._log_thread.join(timeout=5)
-                raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading:\n"
-                                + "\n".join(self.load_errors() or self.log_lines[-15:]))
-            if self.ready():
-                return self
+                raise UserError(self.exit_message())
+            # Triton reports ready once HTTP is up, before it binds the metrics port (and exits if it can't).
+            if self.ready() and self._metrics_up():
+                return
             time.sleep(0.25)
-        self.stop()
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def exit_message(self) -> str:
+        """Why tritonserver exited: a busy port in one line, else its error lines."""
+        if self._log_thread:
+            self._log_thread.join(timeout=5)
+        busy = busy_port_message(self.log_lines, self.ports)
+        if busy:
+            return f"tritonserver could not start: {busy}"
+        return (f"tritonserver exited with code {self.proc.returncode}:\n"
+                + "\n".join(self.load_errors() or self.log_lines[-15:]))
 
     @property
     def log_lines(self) -> list[str]:
@@ -197,18 +300,28 @@ class TritonServer:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
-        """Drain and stop: SIGINT, then wait for the drain (and model unloading) before killing."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGINT)
+    def _metrics_up(self) -> bool:
         try:
-            self.proc.wait(self.drain_timeout_s + 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            with urllib.request.urlopen(f"http://{self.host}:{self.ports.metrics}/metrics", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        """Drain and stop: SIGINT, then wait for the drain (and model unloading) before killing. Whether
+        tritonserver was running or had exited already, no stub of it is left running."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(self.drain_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         if self._log_thread:
             self._log_thread.join(timeout=5)
+        reap_session(self.proc.pid, self._shm_regions)
         return self.proc.returncode
 
     def __enter__(self):
