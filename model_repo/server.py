@@ -58,8 +58,14 @@ PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metric
 BUSY_SOCKET = re.compile(r"Socket '(?P<host>[^']*):(?P<port>\d+)' already in use")
 
 
+MAKE_VARIABLES = {"--http-port": "HTTP_PORT", "--grpc-port": "GRPC_PORT", "--metrics-port": "METRICS_PORT",
+                  "--openai-port": "OPENAI_PORT"}  # the Makefile's names for serve's port flags
+
+
 def port_in_use(host: str, port: int, flag: str) -> str:
-    return f"port {port} on {host} is already in use (another server?): stop what holds it or choose another with {flag}"
+    make = f" (make serve {MAKE_VARIABLES[flag]}=...)" if flag in MAKE_VARIABLES else ""
+    return (f"port {port} on {host} is already in use (another server?): stop what holds it or choose another "
+            f"with {flag}{make}")
 
 
 def busy_port_message(log_lines: list[str], ports: Ports) -> str | None:

@@ -105,4 +105,4 @@ def test_tritons_bind_failure_is_read_as_the_port_and_the_flag_that_moves_it(lin
 
     message = busy_port_message(["I1208 something else", line], Ports(8000, 8001, 8002))
     assert message == (f"port {port} on 127.0.0.1 is already in use (another server?): stop what holds it or "
-                       f"choose another with {flag}")
+                       f"choose another with {flag} (make serve {flag[2:-5].upper()}_PORT=...)")
