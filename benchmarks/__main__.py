@@ -15,7 +15,7 @@ from client.cli import example, program
 def _serve(args) -> int:
     from benchmarks import report
     from benchmarks.procstat import ServerProcesses
-    from benchmarks.runner import Target, run_sweep
+    from benchmarks.runner import Target, check_ready, run_sweep
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
         if args.goodput else None
@@ -23,6 +23,7 @@ def _serve(args) -> int:
     model = args.model if args.backend == "openai" else {"bls": "tensorrt_llm_bls"}.get(args.model, args.model)
     target = Target(args.url, model, protocol, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
     workload = _workload(args)
+    check_ready(target)
     # The server's CPU per streamed token, when its processes are on this machine: Triton behind --url
     # (or --triton-url behind an OpenAI frontend), and the frontend itself.
     triton_url, openai_url = (args.url, None) if args.backend == "triton" else (args.triton_url, args.url)

@@ -106,3 +106,87 @@ def test_tritons_bind_failure_is_read_as_the_port_and_the_flag_that_moves_it(lin
     message = busy_port_message(["I1208 something else", line], Ports(8000, 8001, 8002))
     assert message == (f"port {port} on 127.0.0.1 is already in use (another server?): stop what holds it or "
                        f"choose another with {flag} (make serve {flag[2:-5].upper()}_PORT=...)")
+
+
+# -- benchmarks: errors that point the right way -----------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--url", "127.0.0.1:{port}"], "no Triton server is ready at 127.0.0.1:{port} (grpc): start one (make serve)"),
+    (["--url", "127.0.0.1:{port}", "--protocol", "http"], "no Triton server is ready at 127.0.0.1:{port} (http)"),
+    (["--url", "http://127.0.0.1:{port}"], "--url http://127.0.0.1:{port}: Triton's addresses are HOST:PORT"),
+    (["--backend", "openai", "--url", "http://127.0.0.1:{port}/v1", "--model", "m"],
+     "no OpenAI-compatible server answers GET http://127.0.0.1:{port}/v1/models: start one (make serve OPENAI_PORT"),
+])
+def test_a_sweep_with_no_server_at_its_url_fails_up_front_and_writes_nothing(argv, expected, tmp_path, capsys):
+    from benchmarks.__main__ import main
+    from model_repo.server import free_port
+
+    port = free_port()  # nothing listens there
+    argv = [a.format(port=port) for a in argv]
+    assert main(["serve", *argv, "--out", str(tmp_path / "results")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + expected.format(port=port)) and err.count("\n") == 1, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_tokenizer_folder_that_does_not_exist_is_named_with_where_the_deployments_is(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    missing = tmp_path / "artifacts" / "smol" / "model_repository" / "preprocessing" / "tokenizer"
+    assert main(["serve", "--url", "127.0.0.1:1", "--input-len", "64", "--tokenizer", str(missing),
+                 "--out", str(tmp_path / "results")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: the tokenizer folder {missing} does not exist: a deployment's tokenizer is "
+                   "REPO/preprocessing/tokenizer (make demo: artifacts/smollm2-135m-instruct/model_repository/"
+                   "preprocessing/tokenizer)\n")
+
+
+@contextlib.contextmanager
+def openai_stand_in(status: int, body: bytes):
+    """A real HTTP server answering GET /v1/models with `status` and `body`, as an OpenAI server would."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, body, model, expected", [
+    (200, b'{"data": [{"id": "smollm2-135m-instruct"}]}', "smollm2-135m-instruct", None),
+    (200, b'{"data": [{"id": "smollm2-135m-instruct"}]}', "gpt-4", "serves smollm2-135m-instruct, not 'gpt-4'"),
+    (401, b'{"error": {}}', "m", "wants an API key: --api-key KEY"),
+    (404, b"", "m", "answered 404: point --url at the API's base (http://HOST:PORT/v1)"),
+])
+def test_an_openai_target_is_checked_through_its_model_list(status, body, model, expected):
+    from benchmarks.runner import Target, check_ready
+
+    with openai_stand_in(status, body) as url:
+        target = Target(url, model, "openai")
+        if expected is None:
+            check_ready(target)
+        else:
+            with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+                check_ready(target)
+
+
+def test_a_triton_target_is_ready_with_its_model_and_named_without_it(tiny_server):
+    from benchmarks.runner import Target, check_ready
+
+    check_ready(Target(tiny_server.grpc_url, "tensorrt_llm_bls"))
+    check_ready(Target(tiny_server.http_url.removeprefix("http://"), "ensemble", "http"))
+    with pytest.raises(UserError, match="has no ready model 'bls2': --model bls or ensemble"):
+        check_ready(Target(tiny_server.grpc_url, "bls2"))
