@@ -14,6 +14,7 @@ from pathlib import Path
 from benchmarks.metrics import Recorder, RequestOutput, calculate_metrics
 from benchmarks.procstat import CpuWindow, ServerProcesses, total_us_per_token
 from build_engine import UserError
+from build_engine.manifest import DEMO_ARTIFACTS
 from client import AsyncClient, Chunk, Client, Message
 
 
@@ -36,8 +37,8 @@ class Workload:
         # A wrong path would otherwise reach transformers, which takes it for a hub id ("Repo id must be ...").
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise UserError(f"the tokenizer folder {self.tokenizer} does not exist: a deployment's tokenizer is "
-                            "REPO/preprocessing/tokenizer (make demo: artifacts/smollm2-135m-instruct/"
-                            "model_repository/preprocessing/tokenizer)")
+                            f"REPO/preprocessing/tokenizer (make demo: {DEMO_ARTIFACTS}/model_repository/preprocessing/"
+                            "tokenizer)")
 
     def sampling(self) -> dict:
         """Every request's generation parameters, built here once for every transport and the engine alone:

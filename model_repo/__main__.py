@@ -17,8 +17,9 @@ from client.cli import example, program
 from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, check_serving_image, stop_signal
 
 EXAMPLES = """examples:
-  python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
-  python -m model_repo serve --repo artifacts/smol/model_repository --grpc-port 8001
+  python -m model_repo generate --engine artifacts/smollm2-135m-instruct/engine-cpu \\
+      --output artifacts/smollm2-135m-instruct/model_repository
+  python -m model_repo serve --repo artifacts/smollm2-135m-instruct/model_repository --grpc-port 8001
 """
 
 
@@ -238,8 +239,8 @@ def _demo(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p, sub = program("model_repo", __doc__, EXAMPLES)
     s = sub.add_parser("generate", help="write a Triton model repository for an engine",
-                       **example("python -m model_repo generate --engine artifacts/smol/engine-cpu --output "
-                                 "artifacts/smol/model_repository"))
+                       **example("python -m model_repo generate --engine artifacts/smollm2-135m-instruct/engine-cpu "
+                                 "--output artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--engine", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--max-batch-size", type=int)
@@ -252,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_generate)
 
     s = sub.add_parser("serve", help="serve a repository with Triton (bundled server on CPU, container on GPU)",
-                       **example("python -m model_repo serve --repo artifacts/smol/model_repository --grpc-port 8001"))
+                       **example("python -m model_repo serve --repo artifacts/smollm2-135m-instruct/model_repository "
+                                 "--grpc-port 8001"))
     s.add_argument("--repo", required=True)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--http-port", type=int, default=8000)
@@ -275,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton (CPU or GPU)",
                        **example("python -m model_repo openai --triton 127.0.0.1:8001 --port 9000 --repo "
-                                 "artifacts/smol/model_repository"))
+                                 "artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=9000)
@@ -283,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_openai)
 
     s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop",
-                       **example("python -m model_repo demo --repo artifacts/smol/model_repository"))
+                       **example("python -m model_repo demo --repo artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--repo", required=True)
     s.add_argument("--prompt", default="What is the capital of France?")
     s.add_argument("--max-tokens", type=int, default=64)

@@ -4,6 +4,8 @@ running; the CLIs' errors name the fix."""
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import socket
 import threading
 from pathlib import Path
@@ -190,3 +192,114 @@ def test_a_triton_target_is_ready_with_its_model_and_named_without_it(tiny_serve
     check_ready(Target(tiny_server.http_url.removeprefix("http://"), "ensemble", "http"))
     with pytest.raises(UserError, match="has no ready model 'bls2': --model bls or ensemble"):
         check_ready(Target(tiny_server.grpc_url, "bls2"))
+
+
+# -- the README's commands are the ones that run, on the paths `make demo` builds ---------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT_FLAGS = {"--output", "--out", "--report"}
+PLACEHOLDER = re.compile(r"(^|[/:=])[A-Z][A-Z0-9_]{2,}([/:.]|$)")  # REPO, HOST:8001, REPO_OF_..., DIR
+
+
+def makefile_variables() -> dict[str, str]:
+    """The Makefile's variables with their defaults, $(...) expanded."""
+    raw = dict(re.findall(r"^([A-Z_]+)\s*(?:\?=|:=|=)[ \t]*(.*)$", (ROOT / "Makefile").read_text(), re.M))
+
+    def expand(value: str) -> str:
+        return re.sub(r"\$\(([A-Z_]+)\)", lambda m: expand(raw.get(m[1], "")), value)
+
+    return {name: expand(value) for name, value in raw.items()}
+
+
+def makefile_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][a-z0-9-]*):", (ROOT / "Makefile").read_text(), re.M))
+
+
+COMMAND = re.compile(r"\s*(\S*/)?(python3?|make) ")  # the lines checked here; others (curl, kubectl) are not
+
+
+def readme_commands() -> list[list[str]]:
+    """Each python or make line of the README's fenced code blocks (continuations joined), as shell words."""
+    lines, fence, pending = [], None, ""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fence = line.strip()[3:] if fence is None else None  # the open block's language, or None
+            continue
+        if fence not in ("", "bash", "sh"):
+            continue
+        pending += line
+        if pending.endswith("\\"):
+            pending = pending[:-1]
+            continue
+        words = shlex.split(pending, comments=True) if COMMAND.match(pending) else []
+        pending = ""
+        if words and words[-1] == "&":
+            words = words[:-1]
+        if words:
+            lines.append(words)
+    return lines
+
+
+def python_module_argv(words: list[str]) -> tuple[str, list[str]] | None:
+    if len(words) > 2 and Path(words[0]).name.startswith("python") and words[1] == "-m":
+        return words[2], words[3:]
+    return None
+
+
+def test_readme_python_commands_parse_with_their_packages_parsers():
+    import importlib
+
+    checked = 0
+    for words in readme_commands():
+        found = python_module_argv(words)
+        if found is None or any(PLACEHOLDER.search(w) for w in found[1]):
+            continue
+        package, argv = found
+        try:
+            importlib.import_module(f"{package}.__main__").parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README: {shlex.join(words)} does not parse")
+        checked += 1
+    assert checked >= 10
+
+
+def test_readme_make_commands_name_real_targets_and_variables():
+    targets, variables = makefile_targets(), makefile_variables()
+    make_lines = [w for w in readme_commands() if w[0] == "make"]
+    assert make_lines
+    for words in make_lines:
+        settings = [w.split("=")[0] for w in words[1:] if "=" in w]
+        goals = [w for w in words[1:] if "=" not in w]
+        assert set(goals) <= targets, f"README: {shlex.join(words)}"
+        assert set(settings) <= set(variables), f"README: {shlex.join(words)}"
+
+
+def test_readme_artifact_paths_are_ones_make_demo_or_an_earlier_line_builds():
+    """Following the README after `make demo` reuses what it built, not a 20-minute quantization of a new path."""
+    v = makefile_variables()
+    built = [v["CKPT"], v["CPU_ENGINE"], v["REPO"]]
+    assert built[0] == "artifacts/smollm2-135m-instruct/checkpoint"
+    for words in readme_commands():
+        found = python_module_argv(words)
+        if found is None:
+            continue
+        argv = found[1]
+        outputs = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w in OUTPUT_FLAGS]
+        inputs = [w for w in argv if w.startswith("artifacts/") and w not in outputs]
+        for path in inputs:
+            assert any(path == b or path.startswith(b + "/") for b in built), \
+                f"README: {shlex.join(words)} reads {path}, which neither make demo nor an earlier line builds"
+        built += outputs
+
+
+def test_a_missing_artifact_folder_is_said_not_to_exist_with_the_command_that_builds_it(tmp_path):
+    from build_engine import manifest
+
+    with pytest.raises(UserError) as e:
+        manifest.read(tmp_path / "artifacts" / "smol" / "checkpoint", "trtllm-checkpoint")
+    assert str(e.value) == (f"{tmp_path}/artifacts/smol/checkpoint does not exist: build it with python -m "
+                            "build_engine quantize, or check the path (make demo builds "
+                            "artifacts/smollm2-135m-instruct/checkpoint, engine-cpu and model_repository)")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no manifest.json"):
+        manifest.read(tmp_path / "empty")
