@@ -34,7 +34,7 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     from build_engine import manifest
-    from model_repo.server import Ports, TritonServer, check_ports_free
+    from model_repo.server import Ports, StartCancelled, TritonServer, check_ports_free
 
     repo = Path(args.repo).resolve()
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
@@ -45,14 +45,15 @@ def _serve(args) -> int:
                                  "--metrics-port": ports.metrics,
                                  **({"--openai-port": args.openai_port} if args.openai_port else {})})
     server = TritonServer(repo, args.host, ports, drain_timeout_s=args.drain_timeout)
-    # A stop signal during the load interrupts start(), which then stops what it started; once serving,
-    # it ends the watch loop below and the server drains.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
-    server.start(echo=not args.quiet)
+    # A stop signal during the load cancels start(), which stops what it started; once serving, it ends
+    # the watch loop below and the server drains. Either way serve exits 0: a stop asked for.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start(echo=not args.quiet, cancel=stop)
+    except StartCancelled:
+        return 0
     frontend = None
     try:
         if args.openai_port:
@@ -67,10 +68,6 @@ def _serve(args) -> int:
             frontend.should_exit = True
         server.stop()
     return 0
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def _watch(server, stop: threading.Event, args) -> None:

@@ -196,6 +196,10 @@ def reap_session(sid: int, known_regions: set[str] = frozenset(), grace_s: float
             (SHM_DIR / name).unlink()
 
 
+class StartCancelled(Exception):
+    """start() was told to stop before the server was ready; the server is stopped."""
+
+
 class TritonServer:
     def __init__(self, repo: Path, host: str = "127.0.0.1", ports: Ports | None = None,
                  log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None,
@@ -232,7 +236,10 @@ class TritonServer:
             "--exit-on-error=true", "--log-verbose", str(self.log_verbose),
         ]
 
-    def start(self, timeout_s: float = 180.0, echo: bool = False) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0, echo: bool = False,
+              cancel: threading.Event | None = None) -> "TritonServer":
+        """Launch and wait until ready. On any failure, or `cancel` set before it is ready (StartCancelled),
+        it stops what it started first."""
         env = python_env()
         backends = backend_dir(self.cache)
         check_stub(backends, env)
@@ -241,14 +248,14 @@ class TritonServer:
         self._log_thread = threading.Thread(target=self._pump, args=(echo,), daemon=True)
         self._log_thread.start()
         try:
-            self._wait_ready(timeout_s)
+            self._wait_ready(timeout_s, cancel)
         except BaseException:  # a failed start (or Ctrl-C during it) leaves nothing running
             self.stop()
             raise
         self._shm_regions = stub_shm_regions(session_processes(self.proc.pid))
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -256,7 +263,10 @@ class TritonServer:
             # Triton reports ready once HTTP is up, before it binds the metrics port (and exits if it can't).
             if self.ready() and self._metrics_up():
                 return
-            time.sleep(0.25)
+            if cancel is None:
+                time.sleep(0.25)
+            elif cancel.wait(0.25):
+                raise StartCancelled()
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
 
     def exit_message(self) -> str:

@@ -15,6 +15,8 @@ import pytest
 from build_engine import UserError
 from tests.test_reliability import processes_mentioning
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def tiny_repo(tiny_engine, tmp_path_factory) -> Path:
@@ -92,6 +94,35 @@ def test_serve_on_a_busy_port_fails_at_once_naming_the_port_and_its_flag(tiny_re
     assert code == 1
     assert err.startswith(f"error: port {busy} on 127.0.0.1 is already in use") and flag in err, err
     assert err.count("\n") == 1
+    assert processes_mentioning(f"{tiny_repo}/") == []
+
+
+def test_a_stop_signal_while_the_models_load_stops_everything_and_exits_0(tiny_repo):
+    """SIGTERM to `serve` once the first model's stub runs, before Triton is ready: serve stops Triton and
+    every stub, and exits 0 (a stop asked for, not a failure)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from model_repo.server import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "model_repo", "serve", "--repo", str(tiny_repo), "--quiet",
+                             "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                             "--metrics-port", str(free_port())],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(pid != proc.pid for pid in processes_mentioning(f"{tiny_repo}/")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no stub started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "serving" not in out
     assert processes_mentioning(f"{tiny_repo}/") == []
 
 
@@ -196,7 +227,6 @@ def test_a_triton_target_is_ready_with_its_model_and_named_without_it(tiny_serve
 
 # -- the README's commands are the ones that run, on the paths `make demo` builds ---------------------
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_FLAGS = {"--output", "--out", "--report"}
 PLACEHOLDER = re.compile(r"(^|[/:=])[A-Z][A-Z0-9_]{2,}([/:.]|$)")  # REPO, HOST:8001, REPO_OF_..., DIR
 
