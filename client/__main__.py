@@ -16,7 +16,12 @@ EXAMPLES = """examples:
 """
 
 
+# What `pip install .` from a checkout installs (the client alone: pyproject's base dependencies).
+CLIENT_INSTALL = "pip install 'tritonclient[grpc,http]' numpy (or pip install . in a checkout)"
+
+
 def chat(args) -> int:
+    cli.require("numpy", "tritonclient.grpc", install=CLIENT_INSTALL)
     c = Client(args.url, model=args.model, timeout_s=args.timeout)
     conv = Conversation(c, system=args.system)
     if args.prompt is not None:

@@ -15,6 +15,24 @@ from client.errors import ClientError
 DEBUG_HINT = " (HERMES_DEBUG=1 for a traceback)"
 
 
+class MissingDependency(ImportError):
+    """A package a command needs is not importable by this Python. Its message says how to install it."""
+
+
+def require(*modules: str, install: str) -> None:
+    """Import `modules` now, so that a command fails before it starts (not at its first request) when this
+    Python lacks one; `install` is the pip command that provides them."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MissingDependency(f"{sys.executable} cannot import {e.name or name}: use the Python of the "
+                                    f"environment the project is installed in (make: .venv/bin/python), or "
+                                    f"install it here: {install}") from None
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         self_explaining: tuple[type[BaseException], ...] = ()) -> int:
     """Parse, call the command's handler, turn an error into one line. `self_explaining`: errors whose
@@ -25,6 +43,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         parser.print_help()
         return 2
     debug = bool(os.environ.get("HERMES_DEBUG"))
+    self_explaining = (*self_explaining, MissingDependency)
     try:
         return int(handler(args) or 0)
     except (*self_explaining, ClientError, ValueError, KeyError, OSError) as e:

@@ -333,3 +333,19 @@ def test_a_missing_artifact_folder_is_said_not_to_exist_with_the_command_that_bu
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no manifest.json"):
         manifest.read(tmp_path / "empty")
+
+
+# -- the client CLI checks its imports up front -------------------------------------------------------
+
+def test_the_chat_cli_in_a_python_without_its_dependencies_says_how_to_install_them_before_the_banner():
+    """`python -S` is this very Python without site-packages: no numpy, no tritonclient (the client
+    package itself comes from the checkout, the current directory)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-S", "-m", "client", "chat", "--url", "127.0.0.1:1"], cwd=ROOT,
+                          input="What is the capital of France?\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {sys.executable} cannot import numpy: ") and \
+        "pip install 'tritonclient[grpc,http]' numpy" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "chat with the model" not in done.stderr and done.stdout == ""
