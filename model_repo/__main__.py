@@ -51,7 +51,7 @@ def _serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        server.start(echo=not args.quiet, cancel=stop)
+        server.start(echo=not args.quiet, cancel=stop, echo_all=args.verbose)
     except StartCancelled:
         return 0
     frontend = None
@@ -258,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--quiet", action="store_true", help="do not forward the server log")
+    s.add_argument("--verbose", action="store_true",
+                   help="CPU: forward the whole server log (by default its tables and the harmless CUDA lines of a "
+                        "machine without a GPU are left out)")
     s.add_argument("--drain-timeout", type=int, default=DRAIN_TIMEOUT_S,
                    help="on SIGTERM/Ctrl-C, seconds that requests in flight may take to finish (default: %(default)s)")
     s.add_argument("--stall-timeout", type=float, default=60,

@@ -149,6 +149,22 @@ def check_stub(backends: Path, env: dict[str, str]) -> None:
                         f"install a shared-library build of Python {sys.version_info.major}.{sys.version_info.minor}")
 
 
+# Lines of the CPU server's log that are harmless and that newcomers read as failures: Triton built for CUDA
+# says so on a machine without a GPU (errors that change nothing here), and python-backend models keep their
+# tokenizer folder beside the version folder. Forwarded with serve --verbose, always kept in the log itself.
+HARMLESS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient",
+            "ignore version directory 'tokenizer'")
+EMPTY_LOG_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ?$")  # the header line of a table
+
+
+def is_log_noise(line: str) -> bool:
+    """A harmless CUDA line, or part of the tables Triton prints once loaded (backends, models, options:
+    a header line with no message, rows starting with + or |, and the blank line after them)."""
+    line = line.rstrip("\n")
+    return (not line.strip() or line[:1] in "+|" or bool(EMPTY_LOG_LINE.match(line))
+            or any(text in line for text in HARMLESS))
+
+
 SHM_DIR = Path("/dev/shm")
 STUB_GRACE_S = 2.0  # stubs of a server that stopped cleanly are gone by then; the others are killed
 
@@ -237,15 +253,15 @@ class TritonServer:
         ]
 
     def start(self, timeout_s: float = 180.0, echo: bool = False,
-              cancel: threading.Event | None = None) -> "TritonServer":
+              cancel: threading.Event | None = None, echo_all: bool = False) -> "TritonServer":
         """Launch and wait until ready. On any failure, or `cancel` set before it is ready (StartCancelled),
-        it stops what it started first."""
+        it stops what it started first. `echo` forwards the log to stderr, without its noise unless `echo_all`."""
         env = python_env()
         backends = backend_dir(self.cache)
         check_stub(backends, env)
         self.proc = subprocess.Popen(self.command(backends), env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self._log_thread = threading.Thread(target=self._pump, args=(echo,), daemon=True)
+        self._log_thread = threading.Thread(target=self._pump, args=(echo, echo_all), daemon=True)
         self._log_thread.start()
         try:
             self._wait_ready(timeout_s, cancel)
@@ -293,15 +309,15 @@ class TritonServer:
 
     def load_errors(self) -> list[str]:
         """The server's error lines (a model that failed to load says why here)."""
-        return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit()]
+        return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit() and not is_log_noise(line)]
 
-    def _pump(self, echo: bool) -> None:
+    def _pump(self, echo: bool, echo_all: bool) -> None:
         assert self.proc and self.proc.stdout
         log = open(self.log_file, "a") if self.log_file else None
         for line in self.proc.stdout:
             self._log.append(line.rstrip("\n"))
             self._log_total += 1
-            if echo:
+            if echo and (echo_all or not is_log_noise(line)):
                 sys.stderr.write(line)
             if log:
                 log.write(line)

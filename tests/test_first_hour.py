@@ -349,3 +349,34 @@ def test_the_chat_cli_in_a_python_without_its_dependencies_says_how_to_install_t
     assert done.stderr.startswith(f"error: {sys.executable} cannot import numpy: ") and \
         "pip install 'tritonclient[grpc,http]' numpy" in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "chat with the model" not in done.stderr and done.stdout == ""
+
+
+# -- the CPU server's log, quiet by default -----------------------------------------------------------
+
+TRITON_LOG = """\
+I1208 00:55:01.729554 23389 pinned_memory_manager.cc:283] "Pinned memory pool disabled"
+E1208 00:55:01.729886 23389 server.cc:241] "CudaDriverHelper has not been initialized."
+W1208 00:55:01.734949 23389 model_lifecycle.cc:111] "ignore version directory 'tokenizer' which fails to convert \
+to integral number"
+I1208 00:55:07.627948 23389 model_lifecycle.cc:839] "successfully loaded 'tensorrt_llm_bls'"
+E1208 00:55:07.628464 23389 ensemble_scheduler.cc:1468] "unable to create stream for ensemble: CUDA driver version \
+is insufficient for CUDA runtime version"
+I1208 00:55:07.628759 23389 server.cc:674] \n\
++------------------+---------+--------+
+| Model            | Version | Status |
++------------------+---------+--------+
+| tensorrt_llm_bls | 1       | READY  |
++------------------+---------+--------+
+
+E1208 00:56:00.000000 23389 model_lifecycle.cc:638] "failed to load 'tensorrt_llm': ValueError: bad engine"
+I1208 00:55:07.632400 23389 grpc_server.cc:2558] "Started GRPCInferenceService at 127.0.0.1:56167"
+"""  # Triton 2.51's own lines on this machine (the failed load made up in its format)
+
+
+def test_the_cpu_servers_log_loses_its_cuda_noise_and_tables_and_keeps_the_rest():
+    from model_repo.server import is_log_noise
+
+    kept = [line for line in TRITON_LOG.splitlines(True) if not is_log_noise(line)]
+    assert [line.split("] ", 1)[1].strip().strip('"') for line in kept] == [
+        "Pinned memory pool disabled", "successfully loaded 'tensorrt_llm_bls'",
+        "failed to load 'tensorrt_llm': ValueError: bad engine", "Started GRPCInferenceService at 127.0.0.1:56167"]
