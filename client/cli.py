@@ -15,7 +15,11 @@ from client.errors import ClientError
 DEBUG_HINT = " (HERMES_DEBUG=1 for a traceback)"
 
 
-class MissingDependency(ImportError):
+class UsageError(Exception):
+    """A command-line mistake; its message names the fix (printed as it is, in one line)."""
+
+
+class MissingDependency(UsageError, ImportError):
     """A package a command needs is not importable by this Python. Its message says how to install it."""
 
 
@@ -43,7 +47,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         parser.print_help()
         return 2
     debug = bool(os.environ.get("HERMES_DEBUG"))
-    self_explaining = (*self_explaining, MissingDependency)
+    self_explaining = (*self_explaining, UsageError)
     try:
         return int(handler(args) or 0)
     except (*self_explaining, ClientError, ValueError, KeyError, OSError) as e:

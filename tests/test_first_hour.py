@@ -380,3 +380,39 @@ def test_the_cpu_servers_log_loses_its_cuda_noise_and_tables_and_keeps_the_rest(
     assert [line.split("] ", 1)[1].strip().strip('"') for line in kept] == [
         "Pinned memory pool disabled", "successfully loaded 'tensorrt_llm_bls'",
         "failed to load 'tensorrt_llm': ValueError: bad engine", "Started GRPCInferenceService at 127.0.0.1:56167"]
+
+
+# -- the chat CLI: its URL checked up front, and ways out -----------------------------------------------
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "grpc://127.0.0.1:8001"])
+def test_the_chat_refuses_a_url_with_a_scheme_before_it_starts(url, capsys):
+    from client.__main__ import main
+
+    assert main(["chat", "--url", url]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: --url {url}: the chat speaks gRPC to HOST:PORT without a scheme, Triton's "
+                            "gRPC port (e.g. 127.0.0.1:8001; not the HTTP port 8000 or the OpenAI port)\n")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("leave", ["/exit", "/quit", "ctrl-c"])
+def test_the_chat_quits_on_exit_or_ctrl_c_at_the_prompt_without_asking_the_model(leave):
+    """No server listens at the URL: a quit that reached the model would fail instead of exiting 0."""
+    import signal
+    import sys
+
+    import pexpect
+
+    from model_repo.server import free_port
+
+    child = pexpect.spawn(sys.executable, ["-m", "client", "chat", "--url", f"127.0.0.1:{free_port()}"], cwd=str(ROOT),
+                          encoding="utf-8", timeout=30,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as test_client says
+    try:
+        child.expect_exact("you> ")
+        child.sendintr() if leave == "ctrl-c" else child.sendline(leave)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert "model>" not in child.before and "error" not in child.before
