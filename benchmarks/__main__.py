@@ -15,7 +15,7 @@ from common.cli import example, program
 def _serve(args) -> int:
     from benchmarks import report
     from benchmarks.procstat import ServerProcesses
-    from benchmarks.runner import Target, run_sweep
+    from benchmarks.runner import Target, check_ready, run_sweep
 
     slo = dict((k.replace("_ms", ""), float(v)) for k, v in (p.split(":") for p in args.goodput.split(","))) \
         if args.goodput else None
@@ -23,6 +23,7 @@ def _serve(args) -> int:
     model = args.model if args.backend == "openai" else {"bls": "tensorrt_llm_bls"}.get(args.model, args.model)
     target = Target(args.url, model, protocol, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
     workload = _workload(args)
+    check_ready(target)
     # The server's CPU per streamed token, when its processes are on this machine: Triton behind --url
     # (or --triton-url behind an OpenAI frontend), and the frontend itself.
     triton_url, openai_url = (args.url, None) if args.backend == "triton" else (args.triton_url, args.url)
@@ -211,14 +212,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--result", help="a serve_c1.json to compare against")
     s.set_defaults(handler=_roofline)
     s = sub.add_parser("engine", help="the same workload on the CPU engine alone (no server)",
-                       **example("python -m benchmarks engine --engine artifacts/smol/engine-cpu --concurrency 1,4,8"))
+                       **example("python -m benchmarks engine --engine artifacts/smollm2-135m-instruct/engine-cpu "
+                                 "--concurrency 1,4,8"))
     s.add_argument("--engine", required=True)
     s.add_argument("--concurrency", default="1,4,8")
     _workload_options(s, "num_prompts", "input_words", "output_len", "temperature")
     s.add_argument("--out", default="results")
     s.set_defaults(handler=_engine)
     s = sub.add_parser("suite", help="make bench: CPU demo deployment, concurrency 1/4/8",
-                       **example("python -m benchmarks suite --repo artifacts/smol/model_repository --out results"))
+                       **example("python -m benchmarks suite --repo artifacts/smollm2-135m-instruct/model_repository "
+                                 "--out results"))
     s.add_argument("--repo", required=True)
     s.add_argument("--engine", help="the engine to time alone (default: the repository manifest's)")
     _workload_options(s, "num_prompts", "input_len", "output_len", "temperature", input_len={"default": 64})
@@ -227,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_suite)
     s = sub.add_parser("cpu-engine", help="CPU engine prefill, decode and batch 4/8 throughput under its scheduler, "
                                           "interleaved with onnxruntime-genai's own builder",
-                       **example("python -m benchmarks cpu-engine --checkpoint artifacts/smol/checkpoint"))
+                       **example("python -m benchmarks cpu-engine --checkpoint "
+                                 "artifacts/smollm2-135m-instruct/checkpoint"))
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt-tokens", type=int, default=40)
     s.add_argument("--new-tokens", type=int, default=128)
@@ -239,8 +243,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_cpu_engine)
     s = sub.add_parser("soak", help="mixed load, early closes, killed clients and bad requests for a while; "
                                     "counts lost, garbled and failed streams, samples the server's memory",
-                       **example("python -m benchmarks soak --repo artifacts/smol/model_repository-a1 --duration 1800 "
-                                 "--out results/soak"))
+                       **example("python -m benchmarks soak --repo artifacts/smollm2-135m-instruct/model_repository-a1 "
+                                 "--duration 1800 --out results/soak"))
     s.add_argument("--repo", required=True, help="a repository of a batch-invariant engine (accuracy level 1)")
     s.add_argument("--duration", type=float, default=1800.0, help="seconds of load (default: %(default)s)")
     s.add_argument("--concurrency", type=int, default=16)
@@ -255,8 +259,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ceiling", help="serve a repository; CPU microseconds per streamed token of tritonserver, each "
                                        "python stub and the OpenAI frontend, per path and concurrency, and the "
                                        "throughput at which one GIL saturates",
-                       **example("python -m benchmarks ceiling --repo artifacts/smol/model_repository --out "
-                                 "results/ceiling --concurrency 1,16,64"))
+                       **example("python -m benchmarks ceiling --repo artifacts/smollm2-135m-instruct/model_repository "
+                                 "--out results/ceiling --concurrency 1,16,64"))
     s.add_argument("--repo", required=True)
     s.add_argument("--out", default="results/ceiling")
     s.add_argument("--concurrency", default="1,16,64,128", help="comma-separated caps; one run each per path")

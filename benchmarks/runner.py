@@ -13,6 +13,8 @@ from pathlib import Path
 
 from benchmarks.metrics import Recorder, RequestOutput, calculate_metrics
 from benchmarks.procstat import CpuWindow, ServerProcesses, total_us_per_token
+from build_engine import UserError
+from build_engine.manifest import DEMO_ARTIFACTS
 from client import AsyncClient, Chunk, Client, Message
 
 
@@ -31,6 +33,13 @@ class Workload:
     seed: int = 0
     temperature: float = 0.0  # 0: greedy; sampling costs the engine more per token than an arg-max
 
+    def __post_init__(self):
+        # A wrong path would otherwise reach transformers, which takes it for a hub id ("Repo id must be ...").
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise UserError(f"the tokenizer folder {self.tokenizer} does not exist: a deployment's tokenizer is "
+                            f"REPO/preprocessing/tokenizer (make demo: {DEMO_ARTIFACTS}/model_repository/preprocessing/"
+                            "tokenizer)")
+
     def sampling(self) -> dict:
         """Every request's generation parameters, built here once for every transport and the engine alone:
         the output length is fixed (EOS ignored via min_tokens)."""
@@ -48,6 +57,62 @@ class Target:
     def describe(self) -> dict:
         """For results files: never the key."""
         return {"url": self.url, "model": self.model, "protocol": self.protocol}
+
+
+def check_ready(target: Target, timeout_s: float = 5.0) -> None:
+    """Before a sweep: a target that does not answer fails here, in one line naming the fix, rather than as a
+    results file of failed requests."""
+    problem = (_openai_problem if target.protocol == "openai" else _triton_problem)(target, timeout_s)
+    if problem:
+        raise UserError(problem)
+
+
+def _triton_problem(target: Target, timeout_s: float) -> str | None:
+    where = {"grpc": "its gRPC port (8001 by default)", "http": "its HTTP port (8000 by default)"}[target.protocol]
+    if "://" in target.url and not target.url.startswith("dns:"):
+        return f"--url {target.url}: Triton's addresses are HOST:PORT, without a scheme (e.g. 127.0.0.1:8001 for gRPC)"
+    try:
+        if target.protocol == "http":
+            import tritonclient.http as tc
+
+            client = tc.InferenceServerClient(target.url, connection_timeout=timeout_s, network_timeout=timeout_s)
+            server_ready = client.is_server_ready()
+        else:
+            import tritonclient.grpc as tc
+
+            client = tc.InferenceServerClient(target.url)
+            server_ready = client.is_server_ready(client_timeout=timeout_s)
+        model_ready = server_ready and client.is_model_ready(target.model)
+        client.close()
+    except Exception:  # noqa: BLE001 -- refused, unresolvable, misformatted: all mean "not a server here"
+        server_ready = model_ready = False
+    if not server_ready:
+        return (f"no Triton server is ready at {target.url} ({target.protocol}): start one (make serve) or point "
+                f"--url at {where}")
+    if not model_ready:
+        return f"the Triton server at {target.url} has no ready model {target.model!r}: --model bls or ensemble"
+    return None
+
+
+def _openai_problem(target: Target, timeout_s: float) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    url = target.url.rstrip("/") + "/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {target.api_key or 'unused'}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            models = [m.get("id") for m in json.loads(r.read()).get("data", [])]
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            return f"the server at {target.url} wants an API key: --api-key KEY (or $OPENAI_API_KEY)"
+        return f"GET {url} answered {e.code}: point --url at the API's base (http://HOST:PORT/v1)"
+    except (OSError, ValueError, AttributeError):
+        return (f"no OpenAI-compatible server answers GET {url}: start one (make serve OPENAI_PORT=9000) or point "
+                "--url at its base (http://HOST:PORT/v1)")
+    if models and target.model not in models:
+        return f"the server at {target.url} serves {', '.join(map(str, models))}, not {target.model!r}: --model NAME"
+    return None
 
 
 def result(target: dict, workload: Workload, concurrency: int, outputs: list[RequestOutput], duration: float,

@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 from build_engine import calibration, presets
+from build_engine.manifest import DEMO_ARTIFACTS as SMOL
 from common import cli
 from common.cli import example, program
 
+
 EXAMPLES = """examples:
-  python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smol/checkpoint
-  python -m build_engine build --checkpoint artifacts/smol/checkpoint --output artifacts/smol/engine-cpu --target cpu
+  python -m build_engine quantize --model smollm2-135m-instruct --output artifacts/smollm2-135m-instruct/checkpoint
+  python -m build_engine build --checkpoint artifacts/smollm2-135m-instruct/checkpoint \\
+      --output artifacts/smollm2-135m-instruct/engine-cpu --target cpu
   python -m build_engine build --checkpoint ckpt --output engine --target gpu --dry-run
-  python -m build_engine build --checkpoint artifacts/tiny-hermes/checkpoint --output artifacts/tiny-hermes/engine-h100 \
+  python -m build_engine build --checkpoint artifacts/tiny-hermes/checkpoint --output artifacts/tiny-hermes/engine-h100 \\
       --target synthetic --gpu h100 --size-as nous-hermes-2-mistral-7b-dpo
 """
 
@@ -83,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quantize", help="INT4-AWQ calibration and TensorRT-LLM checkpoint export",
                        **example("python -m build_engine quantize --model smollm2-135m-instruct --output "
-                                 "artifacts/smol/checkpoint"))
+                                 "artifacts/smollm2-135m-instruct/checkpoint"))
     s.add_argument("--model", required=True, help="built-in name, preset source, hub id or local HF folder")
     s.add_argument("--output", required=True)
     s.add_argument("--preset", help=f"settings to use (default: the model's own); one of {', '.join(presets.names())}")
@@ -100,8 +103,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_quantize)
 
     s = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint",
-                       **example("python -m build_engine build --checkpoint artifacts/smol/checkpoint --output "
-                                 "artifacts/smol/engine-cpu --target cpu"))
+                       **example("python -m build_engine build --checkpoint artifacts/smollm2-135m-instruct/checkpoint "
+                                 "--output artifacts/smollm2-135m-instruct/engine-cpu --target cpu"))
     s.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `quantize`")
     s.add_argument("--output", required=True, help="the engine folder (an older one is replaced when the build succeeds)")
     s.add_argument("--target", choices=("gpu", "cpu", "synthetic"), required=True,
@@ -126,8 +129,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_build)
 
     s = sub.add_parser("verify", help="CPU engine vs an independent reference; quantized vs original",
-                       **example("python -m build_engine verify --checkpoint artifacts/smol/checkpoint --engine "
-                                 "artifacts/smol/engine-cpu --report artifacts/smol/verify.json"))
+                       **example(f"python -m build_engine verify --checkpoint {SMOL}/checkpoint --engine "
+                                 f"{SMOL}/engine-cpu --report {SMOL}/verify.json"))
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--engine", required=True, help="a CPU engine folder built from that checkpoint")
     s.add_argument("--report", required=True, help="where to write the JSON report")

@@ -83,8 +83,23 @@ def write(folder: Path, kind: str, **sections) -> dict:
     return manifest
 
 
+# The command that makes each kind of artifact, for the message when one is missing.
+MADE_BY = {
+    "trtllm-checkpoint": "python -m build_engine quantize",
+    "cpu-engine": "python -m build_engine build --target cpu",
+    "synthetic-engine": "python -m build_engine build --target synthetic",
+    "trtllm-engine": "python -m build_engine build --target gpu",
+    "triton-repository": "python -m model_repo generate",
+}
+DEMO_ARTIFACTS = "artifacts/smollm2-135m-instruct"  # where `make demo` builds its checkpoint, engine and repository
+
+
 def read(folder: Path, kind: str | None = None) -> dict:
     path = Path(folder) / NAME
+    if not Path(folder).is_dir():
+        made_by = f"build it with {MADE_BY[kind]}, or " if kind in MADE_BY else ""
+        raise UserError(f"{folder} does not exist: {made_by}check the path (make demo builds {DEMO_ARTIFACTS}/"
+                        "checkpoint, engine-cpu and model_repository)")
     if not path.is_file():
         raise UserError(f"{folder} has no {NAME}: not an artifact made by hermes-trtllm")
     m = json.loads(path.read_text())

@@ -26,8 +26,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from client.balancing import channel_args, endpoints, grpc_target
 from client.chatml import format_chatml
 from client.errors import ClientError, DeadlineExceededError, ServerError, UnavailableError, error_from_grpc
@@ -65,11 +63,13 @@ def request_fields(prompt: str, p: SamplingParams, stream: bool = True) -> dict[
     return fields
 
 
-_NP = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+_NP = {"INT32": "int32", "FP32": "float32", "UINT64": "uint64", "BOOL": "bool"}  # numpy dtypes by Triton's names
 
 
 def grpc_inputs(fields: dict[str, tuple[str, object]], grpc_module=None) -> list:
     """tritonclient InferInputs ([1, 1], or [1, n] for a list of strings) from `request_fields`."""
+    import numpy as np  # with tritonclient, not at import: `import client` (and its CLI's checks) work without
+
     if grpc_module is None:
         import tritonclient.grpc as grpc_module
 

@@ -14,6 +14,28 @@ from common.errors import HermesError, UserError
 DEBUG_HINT = " (HERMES_DEBUG=1 for a traceback)"
 
 
+class UsageError(UserError):
+    """A command-line mistake; its message names the fix (printed as it is, in one line)."""
+
+
+class MissingDependency(UsageError, ImportError):
+    """A package a command needs is not importable by this Python. Its message says how to install it."""
+
+
+def require(*modules: str, install: str) -> None:
+    """Import `modules` now, so that a command fails before it starts (not at its first request) when this
+    Python lacks one; `install` is the pip command that provides them."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MissingDependency(f"{sys.executable} cannot import {e.name or name}: use the Python of the "
+                                    f"environment the project is installed in (make: .venv/bin/python), or "
+                                    f"install it here: {install}") from None
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, call the command's handler, turn an error into one line. A UserError's message already says
     the fix: it is printed without the traceback hint."""

@@ -18,8 +18,9 @@ from common.cli import example, program
 from model_repo.server import DRAIN_TIMEOUT_S, StallWatchdog, check_serving_image, stop_signal
 
 EXAMPLES = """examples:
-  python -m model_repo generate --engine artifacts/smol/engine-cpu --output artifacts/smol/model_repository
-  python -m model_repo serve --repo artifacts/smol/model_repository --grpc-port 8001
+  python -m model_repo generate --engine artifacts/smollm2-135m-instruct/engine-cpu \\
+      --output artifacts/smollm2-135m-instruct/model_repository
+  python -m model_repo serve --repo artifacts/smollm2-135m-instruct/model_repository --grpc-port 8001
 """
 
 
@@ -34,43 +35,56 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     from build_engine import manifest
-    from model_repo.server import Ports, TritonServer
+    from model_repo.server import Ports, StartCancelled, TritonServer, check_ports_free
 
     repo = Path(args.repo).resolve()
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     m = manifest.read(repo, "triton-repository")
     if m["target"] == "gpu":
         return _serve_gpu(repo, ports, args)
+    check_ports_free(args.host, {"--http-port": ports.http, "--grpc-port": ports.grpc,
+                                 "--metrics-port": ports.metrics,
+                                 **({"--openai-port": args.openai_port} if args.openai_port else {})})
     server = TritonServer(repo, args.host, ports, drain_timeout_s=args.drain_timeout)
+    # A stop signal during the load cancels start(), which stops what it started; once serving, it ends
+    # the watch loop below and the server drains. Either way serve exits 0: a stop asked for.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start(echo=not args.quiet)
-    frontend = None
-    if args.openai_port:
-        frontend = start_frontend(_frontend_config(args, server.grpc_url), args.host, args.openai_port)
-    print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-          f"metrics http://{args.host}:{args.metrics_port}/metrics"
-          + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
-          flush=True)
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    watchdog = StallWatchdog(f"http://{local}:{args.metrics_port}/metrics", args.stall_timeout)
-    next_check = time.monotonic() + 5
     try:
-        while not stop.wait(0.5):
-            if server.proc.poll() is not None:
-                raise UserError(f"tritonserver exited with code {server.proc.returncode}")
-            if args.stall_timeout and time.monotonic() >= next_check:
-                next_check = time.monotonic() + 5
-                stalled = watchdog.poll()
-                if stalled:
-                    raise UserError(f"tritonserver stalled: {stalled} (Triton 2.51's python backend can deadlock "
-                                    "under load, RELIABILITY.md); stopped it so that a supervisor restarts it")
+        server.start(echo=not args.quiet, cancel=stop, echo_all=args.verbose)
+    except StartCancelled:
+        return 0
+    frontend = None
+    try:
+        if args.openai_port:
+            frontend = start_frontend(_frontend_config(args, server.grpc_url), args.host, args.openai_port)
+        print(f"serving {repo.name}: gRPC {server.grpc_url}  HTTP {server.http_url}  "
+              f"metrics http://{args.host}:{args.metrics_port}/metrics"
+              + (f"  OpenAI http://{args.host}:{args.openai_port}/v1" if frontend else "") + "  (Ctrl-C stops)",
+              flush=True)
+        _watch(server, stop, args)
     finally:
         if frontend is not None:
             frontend.should_exit = True
         server.stop()
     return 0
+
+
+def _watch(server, stop: threading.Event, args) -> None:
+    """Until `stop`: fail when tritonserver exits or a model stalls."""
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    watchdog = StallWatchdog(f"http://{local}:{args.metrics_port}/metrics", args.stall_timeout)
+    next_check = time.monotonic() + 5
+    while not stop.wait(0.5):
+        if server.proc.poll() is not None:
+            raise UserError(server.exit_message())
+        if args.stall_timeout and time.monotonic() >= next_check:
+            next_check = time.monotonic() + 5
+            stalled = watchdog.poll()
+            if stalled:
+                raise UserError(f"tritonserver stalled: {stalled} (Triton 2.51's python backend can deadlock "
+                                "under load, RELIABILITY.md); stopped it so that a supervisor restarts it")
 
 
 def _serve_gpu(repo: Path, ports, args) -> int:
@@ -223,8 +237,8 @@ def _demo(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p, sub = program("model_repo", __doc__, EXAMPLES)
     s = sub.add_parser("generate", help="write a Triton model repository for an engine",
-                       **example("python -m model_repo generate --engine artifacts/smol/engine-cpu --output "
-                                 "artifacts/smol/model_repository"))
+                       **example("python -m model_repo generate --engine artifacts/smollm2-135m-instruct/engine-cpu "
+                                 "--output artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--engine", required=True)
     s.add_argument("--output", required=True)
     s.add_argument("--max-batch-size", type=int)
@@ -237,13 +251,17 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_generate)
 
     s = sub.add_parser("serve", help="serve a repository with Triton (bundled server on CPU, container on GPU)",
-                       **example("python -m model_repo serve --repo artifacts/smol/model_repository --grpc-port 8001"))
+                       **example("python -m model_repo serve --repo artifacts/smollm2-135m-instruct/model_repository "
+                                 "--grpc-port 8001"))
     s.add_argument("--repo", required=True)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--quiet", action="store_true", help="do not forward the server log")
+    s.add_argument("--verbose", action="store_true",
+                   help="CPU: forward the whole server log (by default its tables and the harmless CUDA lines of a "
+                        "machine without a GPU are left out)")
     s.add_argument("--drain-timeout", type=int, default=DRAIN_TIMEOUT_S,
                    help="on SIGTERM/Ctrl-C, seconds that requests in flight may take to finish (default: %(default)s)")
     s.add_argument("--stall-timeout", type=float, default=60,
@@ -260,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton (CPU or GPU)",
                        **example("python -m model_repo openai --triton 127.0.0.1:8001 --port 9000 --repo "
-                                 "artifacts/smol/model_repository"))
+                                 "artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--triton", default="127.0.0.1:8001", help="Triton's gRPC address (default: %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=9000)
@@ -268,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_openai)
 
     s = sub.add_parser("demo", help="serve, ask one question over gRPC streaming, stop",
-                       **example("python -m model_repo demo --repo artifacts/smol/model_repository"))
+                       **example("python -m model_repo demo --repo artifacts/smollm2-135m-instruct/model_repository"))
     s.add_argument("--repo", required=True)
     s.add_argument("--prompt", default="What is the capital of France?")
     s.add_argument("--max-tokens", type=int, default=64)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +49,49 @@ def tritonserver_args(repo: Path, host: str, ports: Ports, drain_timeout_s: int 
         f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
         f"--exit-timeout-secs={drain_timeout_s}",
     ]
+
+
+PORT_FLAGS = {"http": "--http-port", "grpc": "--grpc-port", "metrics": "--metrics-port"}
+
+# Triton's log line when a listener cannot bind, e.g.
+# `failed to start GRPC service: Unavailable - Socket '127.0.0.1:8001' already in use`
+BUSY_SOCKET = re.compile(r"Socket '(?P<host>[^']*):(?P<port>\d+)' already in use")
+
+
+MAKE_VARIABLES = {"--http-port": "HTTP_PORT", "--grpc-port": "GRPC_PORT", "--metrics-port": "METRICS_PORT",
+                  "--openai-port": "OPENAI_PORT"}  # the Makefile's names for serve's port flags
+
+
+def port_in_use(host: str, port: int, flag: str) -> str:
+    make = f" (make serve {MAKE_VARIABLES[flag]}=...)" if flag in MAKE_VARIABLES else ""
+    return (f"port {port} on {host} is already in use (another server?): stop what holds it or choose another "
+            f"with {flag}{make}")
+
+
+def busy_port_message(log_lines: list[str], ports: Ports) -> str | None:
+    """One line naming the port that Triton could not bind and the flag that moves it, or None."""
+    for line in log_lines:
+        m = BUSY_SOCKET.search(line)
+        if m:
+            port = int(m["port"])
+            flags = [flag for name, flag in PORT_FLAGS.items() if getattr(ports, name) == port]
+            return port_in_use(m["host"], port, flags[0] if flags else "--http-port/--grpc-port/--metrics-port")
+    return None
+
+
+def check_ports_free(host: str, flags: dict[str, int]) -> None:
+    """Refuse up front a port that something already listens on ({flag: port}), rather than after Triton has
+    spent its load time. SO_REUSEADDR as the servers set it: a port in TIME_WAIT is free for them too."""
+    for flag, port in flags.items():
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UserError(port_in_use(host, port, flag)) from None
+                raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another with {flag}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +149,73 @@ def check_stub(backends: Path, env: dict[str, str]) -> None:
                         f"install a shared-library build of Python {sys.version_info.major}.{sys.version_info.minor}")
 
 
+# Lines of the CPU server's log that are harmless and that newcomers read as failures: Triton built for CUDA
+# says so on a machine without a GPU (errors that change nothing here), and python-backend models keep their
+# tokenizer folder beside the version folder. Forwarded with serve --verbose, always kept in the log itself.
+HARMLESS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient",
+            "ignore version directory 'tokenizer'")
+EMPTY_LOG_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ?$")  # the header line of a table
+
+
+def is_log_noise(line: str) -> bool:
+    """A harmless CUDA line, or part of the tables Triton prints once loaded (backends, models, options:
+    a header line with no message, rows starting with + or |, and the blank line after them)."""
+    line = line.rstrip("\n")
+    return (not line.strip() or line[:1] in "+|" or bool(EMPTY_LOG_LINE.match(line))
+            or any(text in line for text in HARMLESS))
+
+
+SHM_DIR = Path("/dev/shm")
+STUB_GRACE_S = 2.0  # stubs of a server that stopped cleanly are gone by then; the others are killed
+
+
+def session_processes(sid: int) -> list:
+    """The processes of session `sid` other than its leader. tritonserver runs in a session of its own
+    (start_new_session), so its python backend stubs are there, and stay there once reparented to PID 1."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                found.append(p)
+    return found
+
+
+def stub_shm_regions(procs) -> set[str]:
+    """The /dev/shm regions that python backend stubs name on their command lines."""
+    import psutil
+
+    regions = set()
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            regions.update(a for a in p.cmdline() if "shm_region" in a and "/" not in a)
+    return regions
+
+
+def reap_session(sid: int, known_regions: set[str] = frozenset(), grace_s: float = STUB_GRACE_S) -> None:
+    """After tritonserver (the leader of session `sid`) has exited: a stub still running would live on under
+    PID 1, ignoring SIGTERM and holding its memory and /dev/shm region (seen when Triton exits during load,
+    e.g. on a busy port). Give stragglers `grace_s` to leave, SIGKILL the rest, then remove the regions that
+    the server's stubs named and that nobody removed."""
+    import psutil
+
+    left = session_processes(sid)
+    regions = set(known_regions) | stub_shm_regions(left)
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    for name in regions:
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+
+
+class StartCancelled(Exception):
+    """start() was told to stop before the server was ready; the server is stopped."""
+
+
 class TritonServer:
     def __init__(self, repo: Path, host: str = "127.0.0.1", ports: Ports | None = None,
                  log_file: Path | None = None, log_verbose: int = 0, cache: Path | None = None,
@@ -122,6 +234,7 @@ class TritonServer:
         self._log_thread: threading.Thread | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=5000)
         self._log_total = 0  # lines seen since start (the deque keeps the last 5000)
+        self._shm_regions: set[str] = set()  # the stubs' /dev/shm regions, removed at stop if left
 
     @property
     def grpc_url(self) -> str:
@@ -139,26 +252,48 @@ class TritonServer:
             "--exit-on-error=true", "--log-verbose", str(self.log_verbose),
         ]
 
-    def start(self, timeout_s: float = 180.0, echo: bool = False) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0, echo: bool = False,
+              cancel: threading.Event | None = None, echo_all: bool = False) -> "TritonServer":
+        """Launch and wait until ready. On any failure, or `cancel` set before it is ready (StartCancelled),
+        it stops what it started first. `echo` forwards the log to stderr, without its noise unless `echo_all`."""
         env = python_env()
         backends = backend_dir(self.cache)
         check_stub(backends, env)
         self.proc = subprocess.Popen(self.command(backends), env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self._log_thread = threading.Thread(target=self._pump, args=(echo,), daemon=True)
+        self._log_thread = threading.Thread(target=self._pump, args=(echo, echo_all), daemon=True)
         self._log_thread.start()
+        try:
+            self._wait_ready(timeout_s, cancel)
+        except BaseException:  # a failed start (or Ctrl-C during it) leaves nothing running
+            self.stop()
+            raise
+        self._shm_regions = stub_shm_regions(session_processes(self.proc.pid))
+        return self
+
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if self._log_thread:
-                    self._log_thread.join(timeout=5)
-                raise UserError(f"tritonserver exited with code {self.proc.returncode} while loading:\n"
-                                + "\n".join(self.load_errors() or self.log_lines[-15:]))
-            if self.ready():
-                return self
-            time.sleep(0.25)
-        self.stop()
+                raise UserError(self.exit_message())
+            # Triton reports ready once HTTP is up, before it binds the metrics port (and exits if it can't).
+            if self.ready() and self._metrics_up():
+                return
+            if cancel is None:
+                time.sleep(0.25)
+            elif cancel.wait(0.25):
+                raise StartCancelled()
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def exit_message(self) -> str:
+        """Why tritonserver exited: a busy port in one line, else its error lines."""
+        if self._log_thread:
+            self._log_thread.join(timeout=5)
+        busy = busy_port_message(self.log_lines, self.ports)
+        if busy:
+            return f"tritonserver could not start: {busy}"
+        return (f"tritonserver exited with code {self.proc.returncode}:\n"
+                + "\n".join(self.load_errors() or self.log_lines[-15:]))
 
     @property
     def log_lines(self) -> list[str]:
@@ -174,15 +309,15 @@ class TritonServer:
 
     def load_errors(self) -> list[str]:
         """The server's error lines (a model that failed to load says why here)."""
-        return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit()]
+        return [line for line in self.log_lines if line[:1] == "E" and line[1:5].isdigit() and not is_log_noise(line)]
 
-    def _pump(self, echo: bool) -> None:
+    def _pump(self, echo: bool, echo_all: bool) -> None:
         assert self.proc and self.proc.stdout
         log = open(self.log_file, "a") if self.log_file else None
         for line in self.proc.stdout:
             self._log.append(line.rstrip("\n"))
             self._log_total += 1
-            if echo:
+            if echo and (echo_all or not is_log_noise(line)):
                 sys.stderr.write(line)
             if log:
                 log.write(line)
@@ -197,18 +332,28 @@ class TritonServer:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
-        """Drain and stop: SIGINT, then wait for the drain (and model unloading) before killing."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGINT)
+    def _metrics_up(self) -> bool:
         try:
-            self.proc.wait(self.drain_timeout_s + 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            with urllib.request.urlopen(f"http://{self.host}:{self.ports.metrics}/metrics", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        """Drain and stop: SIGINT, then wait for the drain (and model unloading) before killing. Whether
+        tritonserver was running or had exited already, no stub of it is left running."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(self.drain_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         if self._log_thread:
             self._log_thread.join(timeout=5)
+        reap_session(self.proc.pid, self._shm_regions)
         return self.proc.returncode
 
     def __enter__(self):

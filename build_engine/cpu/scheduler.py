@@ -27,7 +27,7 @@ mid-flight change nothing for the others. It is the default at accuracy level 1 
 the exact engine); at level 4 the filler row costs about a fifth of batch-1 decode speed, so it is
 off unless asked for, and a greedy output can then depend on the batch (as on GPUs).
 
-    engine = CpuEngine("artifacts/smol/engine-cpu")
+    engine = CpuEngine("artifacts/smollm2-135m-instruct/engine-cpu")
     for step in engine.submit(ids, Sampling(max_tokens=64)):
         print(step.text, end="")
 """
