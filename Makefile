@@ -62,15 +62,16 @@ $(REPO)/ensemble/config.pbtxt: $(CPU_ENGINE)/manifest.json $(wildcard model_repo
 demo: $(REPO)/ensemble/config.pbtxt
 	$(PY) -m model_repo demo --repo $(REPO) --prompt "What is the capital of France?"
 
-# Triton's ports (serve's defaults) and, when set, the OpenAI frontend's: make serve GRPC_PORT=8101 OPENAI_PORT=9000
-HTTP_PORT ?= 8000
-GRPC_PORT ?= 8001
-METRICS_PORT ?= 8002
+# Ports, when set (unset: serve's defaults, HTTP 8000, gRPC 8001, metrics 8002, no OpenAI frontend):
+# make serve GRPC_PORT=8101 OPENAI_PORT=9000
+HTTP_PORT ?=
+GRPC_PORT ?=
+METRICS_PORT ?=
 OPENAI_PORT ?=
-SERVE_PORTS = --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT))
+SERVE_PORTS = $(strip $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
+	$(if $(METRICS_PORT),--metrics-port $(METRICS_PORT)) $(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT)))
 serve: $(REPO)/ensemble/config.pbtxt
-	$(PY) -m model_repo serve --repo $(REPO) $(SERVE_PORTS)
+	$(PY) -m model_repo serve --repo $(REPO)$(if $(SERVE_PORTS), $(SERVE_PORTS))
 
 # GPU workflow (README): `make gpu-image` on the GPU host, then every other gpu-* target inside that
 # image, with the container's own Python and packages (no venv: it would replace them).
@@ -100,7 +101,7 @@ gpu-quantize: $(GPU_DIR)/checkpoint/manifest.json
 gpu-engine: $(GPU_DIR)/engine-gpu/manifest.json
 gpu-repo: $(GPU_DIR)/model_repository/manifest.json
 gpu-serve: $(GPU_DIR)/model_repository/manifest.json
-	$(GPU_PY) -m model_repo serve --repo $(GPU_DIR)/model_repository $(SERVE_PORTS)
+	$(GPU_PY) -m model_repo serve --repo $(GPU_DIR)/model_repository$(if $(SERVE_PORTS), $(SERVE_PORTS))
 
 bench: $(REPO)/ensemble/config.pbtxt
 	$(PY) -m benchmarks suite --repo $(REPO) --engine $(CPU_ENGINE) --out results

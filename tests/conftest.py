@@ -124,3 +124,17 @@ def tiny_server(tiny_engine):
     server = _serve(tiny_engine, "tiny")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def paced_synthetic_server(tiny_ckpt, tmp_path_factory):
+    """A synthetic engine at 50 tokens/s per stream (a 400-token reply takes 8 s), served: for tests of
+    what happens while a request runs (cancellation, disconnects), without compute."""
+    from build_engine import synthetic
+    from model_repo.generate import generate
+    from model_repo.server import TritonServer
+
+    d = tmp_path_factory.mktemp("paced")
+    engine = synthetic.build(tiny_ckpt, d / "engine", schedule="rate", tokens_per_s=50)
+    with TritonServer(generate(engine, d / "repo")) as server:
+        yield server

@@ -17,16 +17,8 @@ OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def paced_server(tiny_ckpt, tmp_path_factory):
-    """50 tokens/s per stream: a 400-token reply takes 8 s."""
-    from build_engine import synthetic
-    from model_repo.generate import generate
-    from model_repo.server import TritonServer
-
-    d = tmp_path_factory.mktemp("paced")
-    engine = synthetic.build(tiny_ckpt, d / "engine", schedule="rate", tokens_per_s=50)
-    with TritonServer(generate(engine, d / "repo")) as server:
-        yield server
+def paced_server(paced_synthetic_server):
+    return paced_synthetic_server
 
 
 @pytest.fixture(scope="module")

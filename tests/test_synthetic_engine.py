@@ -115,7 +115,8 @@ def test_the_contract_of_the_scheduler_holds_stop_words_queue_bound_and_cancella
         got, _, _ = engine.generate(prompt, Sampling(max_tokens=3, bad_words=((para[2][1],),)))
         assert got[0] == para[2][0] and para[2][1] not in got
         running = engine.submit(prompt, Sampling(max_tokens=10**4 - 10, min_tokens=10**4 - 10))
-        next(iter(running))
+        steps = iter(running)  # held: a dropped iterator closes (cancels) its stream
+        next(steps)
         waiting = engine.submit(prompt, Sampling(max_tokens=4))
         with pytest.raises(QueueFull, match="Maximum queue size of 1"):
             engine.submit(prompt, Sampling(max_tokens=4))
@@ -140,7 +141,7 @@ def test_the_rate_schedule_paces_each_stream(tiny_ckpt, tmp_path):
         engine.close()
 
 
-def test_served_it_honours_the_backend_contract_and_cancellation(synthetic_server):
+def test_served_it_honours_the_backend_contract(synthetic_server):
     from model_repo import backend_contract
     from model_repo.config import parse
 
@@ -150,14 +151,20 @@ def test_served_it_honours_the_backend_contract_and_cancellation(synthetic_serve
     for model in ("tensorrt_llm_bls", "ensemble"):
         pieces, err = stream_call(synthetic_server.grpc_url, model, inputs(prompt, 64, stream=True))
         assert err is None and len("".join(pieces)) > 100
-    c = grpcclient.InferenceServerClient(synthetic_server.grpc_url)
+
+
+def test_a_cancelled_stream_leaves_the_paced_engine_at_once(paced_synthetic_server):
+    """At 50 tokens/s a 400-token reply takes 8 s: the engine is idle within a few seconds of the close."""
+    server = paced_synthetic_server
+    c = grpcclient.InferenceServerClient(server.grpc_url)
     got = []
     c.start_stream(callback=lambda result, error: got.append((result, error)))
-    c.async_stream_infer("tensorrt_llm_bls", inputs(prompt, 10**4, stream=True, min_tokens=(10**4, "INT32")))
+    c.async_stream_infer("tensorrt_llm_bls", inputs(format_chatml([Message("user", "Hello")]), 400, stream=True,
+                                                     min_tokens=(400, "INT32")))
     wait_for(lambda: len(got) >= 3, 30, "three chunks")
-    assert engine_metrics(synthetic_server)[("nv_trt_llm_request_metrics", "active")] == 1
+    wait_for(lambda: engine_metrics(server)[("nv_trt_llm_request_metrics", "active")] == 1, 5, "the request running")
     c.stop_stream(cancel_requests=True)
-    wait_engine_idle(synthetic_server, 5)
+    wait_engine_idle(server, 3)
 
 
 def test_a_caller_that_keeps_up_gets_every_token_in_its_own_response(tiny_ckpt, tmp_path):
